@@ -1,0 +1,103 @@
+"""The root config: one structured default, overridden by a suite YAML and `key=value` pairs.
+
+An unknown key or a bad value is a `ConfigError` that names the key and what is valid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from lightning_modules.config import ModelConfig, validate_model
+
+
+class ConfigError(ValueError):
+    """A user's config was wrong: the message says where and what is valid."""
+
+
+@dataclass
+class TafmConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _valid_keys(node, prefix: str) -> List[str]:
+    if not isinstance(node, DictConfig):
+        return []
+    return [f"{prefix}{k}" for k in node.keys()]
+
+
+def _parent(cfg: DictConfig, dotted: str):
+    """The deepest existing node on the path `dotted`, and its dotted prefix."""
+    node, prefix = cfg, ""
+    for part in dotted.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node, prefix = node[part], f"{prefix}{part}."
+        else:
+            break
+    return node, prefix
+
+
+def _explain(cfg: DictConfig, key: str, error: OmegaConfBaseException, source: str) -> ConfigError:
+    where = f" (in {source})" if source else ""
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+        node, prefix = _parent(cfg, key)
+        valid = ", ".join(_valid_keys(node, prefix))
+        return ConfigError(f"unknown config key {key!r}{where}; valid keys here: {valid}")
+    message = str(error).split("\n")[0]
+    return ConfigError(f"bad value for config key {key!r}{where}: {message}")
+
+
+def _merge_one(cfg: DictConfig, key: str, value, source: str) -> None:
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (ValidationError, ConfigKeyError, ConfigAttributeError) as error:
+        raise _explain(cfg, key, error, source) from None
+
+
+def parse_override(item: str) -> tuple:
+    """`a.b=value` -> ("a.b", parsed value) with YAML typing (lists as [x,y])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. model.alpha=0.5)")
+    key, _ = item.split("=", 1)
+    parsed = OmegaConf.from_dotlist([item])
+    value = OmegaConf.select(parsed, key.strip())
+    if isinstance(value, DictConfig) or OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return key.strip(), value
+
+
+def _flatten(container, prefix: str = "") -> Iterable[tuple]:
+    for key, value in container.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def load_config(overrides: Iterable[str] = (), delta: Optional[dict] = None, delta_source: str = "") -> TafmConfig:
+    """Default config <- `delta` (e.g. a suite YAML's mapping) <- `key=value` overrides; validated."""
+    cfg = OmegaConf.structured(TafmConfig)
+    for key, value in _flatten(delta or {}):
+        _merge_one(cfg, key, value, delta_source)
+    for item in overrides:
+        key, value = parse_override(item)
+        _merge_one(cfg, key, value, "--set")
+    try:
+        obj: TafmConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config: {str(error).splitlines()[0]}") from None
+    try:
+        validate_model(obj.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return obj
+
+
+def to_flat_dict(cfg) -> dict:
+    """The config as one flat {dotted.key: plain value} dict (W&B config, records)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    return dict(_flatten(container))
+

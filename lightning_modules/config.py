@@ -1,0 +1,142 @@
+"""The model's structured config: the single source of the network's defaults.
+
+Every choice the paper leaves open is a value here, with the default named in
+`../shared/reference/lstm_ssd_reproduction.md`. Enums (not Literal) keep it working on
+omegaconf 2.3, which executorch's hydra-core pins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+
+class Arch(Enum):
+    """Which detector family (paper Table 5 compares the two)."""
+
+    lstm_ssd = "lstm_ssd"  # pruned MobileNetV1 (no slim Conv2d_13), FM widths alpha_ssd*[512,256,256,128]
+    mobilenet_ssd = "mobilenet_ssd"  # full MobileNetV1 + extra layers at alpha*[512,256,256,128]
+
+
+class RecurrentType(Enum):
+    """Recurrent layer types of paper Table 3 (plus none = single-frame SSD)."""
+
+    none = "none"
+    averaging = "averaging"
+    lstm = "lstm"
+    gru = "gru"
+    bottleneck_lstm = "bottleneck_lstm"
+
+
+class Activation(Enum):
+    """phi of the LSTM equations: the paper says ReLU, the released code uses ReLU6."""
+
+    relu = "relu"
+    relu6 = "relu6"
+    tanh = "tanh"
+
+
+class DepthwiseInput(Enum):
+    """What the Bottleneck-LSTM's first 3x3 depthwise sees: paper Eq. 2 / the code use [x, h];
+    paper Table 1 draws it over x only (h then joins at the 1x1)."""
+
+    x_h = "x_h"
+    x = "x"
+
+
+class WidthRule(Enum):
+    """Output width N of a Bottleneck-LSTM placed after conv3, FM1 or FM2 (the paper leaves it open)."""
+
+    quarter = "quarter"  # N = M / 4, the most literal reading of alpha_lstm = 0.25 * alpha_base
+    half = "half"  # N = M / 2
+    same = "same"  # N = M
+
+
+#: Where a recurrent layer may be placed (paper Tables 2 and 4). `outputs` = one layer after
+#: each of the five prediction maps, feeding only the heads.
+PLACEMENTS = ("conv3", "conv13", "fm1", "fm2", "fm3", "fm4", "outputs")
+
+
+@dataclass
+class RecurrentConfig:
+    type: RecurrentType = RecurrentType.bottleneck_lstm
+    # layer names from PLACEMENTS; a name repeated means stacked layers (paper Table 4 row 2)
+    after: List[str] = field(default_factory=lambda: ["conv13"])
+    activation: Activation = Activation.relu
+    forget_bias: float = 1.0
+    depthwise_input: DepthwiseInput = DepthwiseInput.x_h
+    fm_width_rule: WidthRule = WidthRule.quarter
+    averaging_weight: float = 0.75  # paper Sec. 4.2: 0.75 * x_t + 0.25 * x_{t-1}
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.lstm_ssd
+    alpha: float = 1.0
+    alpha_base: Optional[float] = None  # None: alpha (paper Sec. 3.3)
+    alpha_ssd: Optional[float] = None  # None: 0.5 * alpha (lstm_ssd) or alpha (mobilenet_ssd)
+    alpha_lstm: Optional[float] = None  # None: 0.25 * alpha
+    input_size: int = 320
+    min_depth: int = 16
+    num_classes: int = 30
+    # PyTorch BatchNorm momentum; the paper's TF decay 0.9997 is 0.0003. Short CPU runs need more.
+    bn_momentum: float = 0.0003
+    bn_eps: float = 1e-3
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+
+
+@dataclass(frozen=True)
+class Widths:
+    alpha_base: float
+    alpha_ssd: float
+    alpha_lstm: float
+
+
+def resolve_widths(cfg: ModelConfig) -> Widths:
+    """The extended width multipliers of paper Sec. 3.3, defaults filled in."""
+    ssd_default = 0.5 * cfg.alpha if cfg.arch == Arch.lstm_ssd else cfg.alpha
+    return Widths(
+        alpha_base=cfg.alpha if cfg.alpha_base is None else cfg.alpha_base,
+        alpha_ssd=ssd_default if cfg.alpha_ssd is None else cfg.alpha_ssd,
+        alpha_lstm=0.25 * cfg.alpha if cfg.alpha_lstm is None else cfg.alpha_lstm,
+    )
+
+
+def recurrent_placements(cfg: ModelConfig) -> List[str]:
+    """The placements that carry a layer: none when the type is `none`."""
+    if cfg.recurrent.type == RecurrentType.none:
+        return []
+    return list(cfg.recurrent.after)
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the key, the bad value and what is valid."""
+    for key in ("alpha", "alpha_base", "alpha_ssd", "alpha_lstm"):
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"model.{key} must be > 0, got {value}")
+    if cfg.input_size < 32 or cfg.input_size % 32:
+        raise ValueError(
+            f"model.input_size must be a positive multiple of 32 (the base has output stride 32), "
+            f"got {cfg.input_size}; e.g. 320 or 256"
+        )
+    if cfg.min_depth < 1:
+        raise ValueError(f"model.min_depth must be >= 1, got {cfg.min_depth}")
+    if cfg.num_classes < 1:
+        raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
+    if not 0.0 <= cfg.bn_momentum <= 1.0:
+        raise ValueError(f"model.bn_momentum must be in [0, 1], got {cfg.bn_momentum}")
+    for name in cfg.recurrent.after:
+        if name not in PLACEMENTS:
+            raise ValueError(
+                f"model.recurrent.after: unknown layer {name!r}; valid: {', '.join(PLACEMENTS)}"
+            )
+    if cfg.recurrent.type != RecurrentType.none and not cfg.recurrent.after:
+        raise ValueError(
+            f"model.recurrent.after is empty but model.recurrent.type={cfg.recurrent.type.value}; "
+            f"name at least one of {', '.join(PLACEMENTS)} or set model.recurrent.type=none"
+        )
+    if not 0.0 <= cfg.recurrent.averaging_weight <= 1.0:
+        raise ValueError(
+            f"model.recurrent.averaging_weight must be in [0, 1], got {cfg.recurrent.averaging_weight}"
+        )

@@ -1,0 +1,155 @@
+"""Recurrent layers that refine a feature map across frames (paper Sec. 3.2-3.4, Table 3).
+
+Every cell is functional: `cell(x, state) -> (output, new_state)`, with `state` a tuple of
+tensors and `cell.zero_state(x)` the state of a new video. No state is kept on the module.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.config import Activation, DepthwiseInput, RecurrentType
+
+State = Tuple[Tensor, ...]
+
+
+def _activation(kind: Activation) -> Callable[[Tensor], Tensor]:
+    """phi of the LSTM equations (paper Sec. 3.4 chooses ReLU)."""
+    return {Activation.relu: torch.relu, Activation.relu6: nn.functional.relu6, Activation.tanh: torch.tanh}[kind]
+
+
+def _depthwise(channels: int) -> nn.Conv2d:
+    """3x3 depthwise, stride 1, no bias."""
+    return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+
+def _pointwise(cin: int, cout: int) -> nn.Conv2d:
+    """1x1 projection with bias."""
+    return nn.Conv2d(cin, cout, 1, bias=True)
+
+
+class RecurrentCell(nn.Module):
+    """Common interface: input width M, output width N, a tuple state."""
+
+    in_channels: int
+    out_channels: int
+
+    def zero_state(self, x: Tensor) -> State:
+        raise NotImplementedError
+
+
+class BottleneckLSTM(RecurrentCell):
+    """Bottleneck-LSTM (paper Eq. 2, Fig. 3; the released cell).
+
+    b = phi(1x1_{M+N->N}(dw3x3([x, h]))); gates = 1x1_{N->4N}(dw3x3(b)) split i, j, f, o;
+    c' = c * sigmoid(f + forget_bias) + sigmoid(i) * phi(j); h' = phi(c') * sigmoid(o).
+    """
+
+    def __init__(self, m: int, n: int, activation: Activation, forget_bias: float, depthwise_input: DepthwiseInput):
+        super().__init__()
+        self.in_channels, self.out_channels = m, n
+        self.phi = _activation(activation)
+        self.forget_bias = forget_bias
+        self.depthwise_input = depthwise_input
+        dw_channels = m + n if depthwise_input == DepthwiseInput.x_h else m
+        self.bottleneck_dw = _depthwise(dw_channels)  # 3x3 (M+N) dw (paper Table 1: over x only)
+        self.bottleneck_pw = _pointwise(m + n, n)  # 1x1 (M+N) x N
+        self.gates_dw = _depthwise(n)  # 3x3 N dw
+        self.gates_pw = _pointwise(n, 4 * n)  # 1x1 N x 4N: all four gates in one conv
+
+    def zero_state(self, x: Tensor) -> State:
+        shape = (x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+        return x.new_zeros(shape), x.new_zeros(shape)
+
+    def forward(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        c, h = state
+        if self.depthwise_input == DepthwiseInput.x_h:
+            mixed = self.bottleneck_dw(torch.cat([x, h], dim=1))
+        else:
+            mixed = torch.cat([self.bottleneck_dw(x), h], dim=1)
+        b = self.phi(self.bottleneck_pw(mixed))
+        i, j, f, o = self.gates_pw(self.gates_dw(b)).chunk(4, dim=1)
+        c = c * torch.sigmoid(f + self.forget_bias) + torch.sigmoid(i) * self.phi(j)
+        h = self.phi(c) * torch.sigmoid(o)
+        return h, (c, h)
+
+
+class ConvLSTM(RecurrentCell):
+    """Standard convolutional LSTM (paper Eq. 3): one separable conv [x, h] -> 4N, N = M."""
+
+    def __init__(self, m: int, activation: Activation, forget_bias: float):
+        super().__init__()
+        self.in_channels = self.out_channels = m
+        self.phi = _activation(activation)
+        self.forget_bias = forget_bias
+        self.dw = _depthwise(2 * m)  # 3x3 (M+N) dw
+        self.pw = _pointwise(2 * m, 4 * m)  # 1x1 (M+N) x 4N
+
+    def zero_state(self, x: Tensor) -> State:
+        return x.new_zeros(x.shape), x.new_zeros(x.shape)
+
+    def forward(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        c, h = state
+        i, j, f, o = self.pw(self.dw(torch.cat([x, h], dim=1))).chunk(4, dim=1)
+        c = c * torch.sigmoid(f + self.forget_bias) + torch.sigmoid(i) * self.phi(j)
+        h = self.phi(c) * torch.sigmoid(o)
+        return h, (c, h)
+
+
+class ConvGRU(RecurrentCell):
+    """Convolutional GRU (paper Table 3): separable [x, h] -> (z, r); separable [x, r*h] -> candidate."""
+
+    def __init__(self, m: int, activation: Activation):
+        super().__init__()
+        self.in_channels = self.out_channels = m
+        self.phi = _activation(activation)
+        self.gates_dw = _depthwise(2 * m)
+        self.gates_pw = _pointwise(2 * m, 2 * m)  # z, r
+        self.candidate_dw = _depthwise(2 * m)
+        self.candidate_pw = _pointwise(2 * m, m)
+
+    def zero_state(self, x: Tensor) -> State:
+        return (x.new_zeros(x.shape),)
+
+    def forward(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        (h,) = state
+        z, r = torch.sigmoid(self.gates_pw(self.gates_dw(torch.cat([x, h], dim=1)))).chunk(2, dim=1)
+        candidate = self.phi(self.candidate_pw(self.candidate_dw(torch.cat([x, r * h], dim=1))))
+        h = (1 - z) * h + z * candidate
+        return h, (h,)
+
+
+class Averaging(RecurrentCell):
+    """Weighted feature averaging baseline (paper Sec. 4.2): w * x_t + (1 - w) * x_{t-1}.
+
+    State = (x_{t-1}, has_previous[B,1,1,1]); on a video's first frame the output is x_t itself.
+    """
+
+    def __init__(self, m: int, weight: float):
+        super().__init__()
+        self.in_channels = self.out_channels = m
+        self.weight = weight
+
+    def zero_state(self, x: Tensor) -> State:
+        return x.new_zeros(x.shape), x.new_zeros((x.shape[0], 1, 1, 1))
+
+    def forward(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        previous, has_previous = state
+        averaged = self.weight * x + (1 - self.weight) * previous
+        out = has_previous * averaged + (1 - has_previous) * x
+        return out, (x, torch.ones_like(has_previous))
+
+
+def build_cell(kind: RecurrentType, m: int, n: int, cfg) -> RecurrentCell:
+    """The one way to make a recurrent layer; `n` only matters for the Bottleneck-LSTM."""
+    if kind == RecurrentType.bottleneck_lstm:
+        return BottleneckLSTM(m, n, cfg.activation, cfg.forget_bias, cfg.depthwise_input)
+    if kind == RecurrentType.lstm:
+        return ConvLSTM(m, cfg.activation, cfg.forget_bias)
+    if kind == RecurrentType.gru:
+        return ConvGRU(m, cfg.activation)
+    if kind == RecurrentType.averaging:
+        return Averaging(m, cfg.averaging_weight)
+    raise ValueError(f"model.recurrent.type: no layer for {kind}")
