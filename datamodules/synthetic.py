@@ -23,25 +23,13 @@ from PIL import Image
 
 from datamodules.synthetic_render import (
     MARKERS, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
+from datamodules.vid import VID_CLASSES  # the one class table (id, name, WordNet id)
 
 GENERATOR_VERSION = 1  # bump whenever the output for a given config changes
 MANIFEST = "tafm_synth.json"
 MINIVAL_WINDOW = 20  # minival takes 20 consecutive frames per val video (reproduction notes, Sec. 4)
 JPEG_KW = {"format": "JPEG", "quality": 92, "subsampling": 0, "optimize": False}
 
-# The 30 VID classes: id (1..30, alphabetical), name, WordNet id (imagenet_vid.md).
-VID_CLASSES: tuple[tuple[int, str, str], ...] = tuple(
-    (i + 1, name, wnid) for i, (name, wnid) in enumerate((
-        ("airplane", "n02691156"), ("antelope", "n02419796"), ("bear", "n02131653"),
-        ("bicycle", "n02834778"), ("bird", "n01503061"), ("bus", "n02924116"), ("car", "n02958343"),
-        ("cattle", "n02402425"), ("dog", "n02084071"), ("domestic_cat", "n02121808"),
-        ("elephant", "n02503517"), ("fox", "n02118333"), ("giant_panda", "n02510455"),
-        ("hamster", "n02342885"), ("horse", "n02374451"), ("lion", "n02129165"),
-        ("lizard", "n01674464"), ("monkey", "n02484322"), ("motorcycle", "n03790512"),
-        ("rabbit", "n02324045"), ("red_panda", "n02509815"), ("sheep", "n02411705"),
-        ("snake", "n01726692"), ("squirrel", "n02355227"), ("tiger", "n02129604"),
-        ("train", "n04468005"), ("turtle", "n01662784"), ("watercraft", "n04530566"),
-        ("whale", "n02062744"), ("zebra", "n02391049"))))
 _BY_NAME = {name: (cid, wnid) for cid, name, wnid in VID_CLASSES}
 
 SYNTH_MECHANISM = """\
