@@ -10,6 +10,7 @@ from typing import Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from datamodules.clips import DataConfig
 from lightning_modules.config import ModelConfig, validate_model
 
 
@@ -20,6 +21,7 @@ class ConfigError(ValueError):
 @dataclass
 class TafmConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _valid_keys(node, prefix: str) -> List[str]:
@@ -91,6 +93,7 @@ def load_config(overrides: Iterable[str] = (), delta: Optional[dict] = None, del
         raise ConfigError(f"config: {str(error).splitlines()[0]}") from None
     try:
         validate_model(obj.model)
+        obj.data.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return obj
