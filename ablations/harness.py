@@ -1,0 +1,298 @@
+"""Run a suite as one Optuna study: every grid point (x seed) exactly once, across workers and reruns.
+
+- Grid points are enqueued once (under a lock) as WAITING trials carrying their key; workers pop
+  them with `study.ask()`, which the RDB storage hands to exactly one worker.
+- A trial whose process died (same host, pid gone; or a stale heartbeat from another machine) is
+  marked FAIL on the next run and its key enqueued again, up to `MAX_RETRIES` times.
+- Rerunning a suite skips every key that is COMPLETE (or PRUNED).
+- After every trial the suite's results table (runs/<suite>/results.csv) is rewritten, atomically,
+  from the study's records (user attributes): the only source the reports read.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from ablations.suite import Suite, TrialPoint
+
+MAX_RETRIES = 3
+HEARTBEAT_S = 30
+GRACE_S = 180
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass
+class RunOptions:
+    runs_dir: Path = Path("runs")
+    storage: Optional[str] = None  # default: sqlite:///runs/<suite>/optuna.db
+    profile: str = "synthetic"
+    seeds: int = 1
+    overrides: List[str] = field(default_factory=list)
+    max_trials: Optional[int] = None  # stop this worker after N trials (tests, budgets)
+
+
+@dataclass
+class TrialContext:
+    """What a trial function gets besides its config."""
+
+    suite: Suite
+    key: str
+    point: Optional[TrialPoint]
+    seed: int
+    labels: Dict[str, str]
+    run_dir: Path
+    trial: optuna.trial.Trial
+    options: RunOptions
+
+
+TrialFn = Callable[[Any, TrialContext], Dict[str, Any]]
+
+
+def suite_dir(suite: Suite, options: RunOptions) -> Path:
+    return options.runs_dir / suite.name
+
+
+def study_name(suite: Suite, options: RunOptions) -> str:
+    return f"{suite.name}-{options.profile}"
+
+
+def storage_url(suite: Suite, options: RunOptions) -> str:
+    if options.storage:
+        return options.storage
+    path = suite_dir(suite, options) / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path.resolve()}"
+
+
+def open_study(suite: Suite, options: RunOptions) -> optuna.Study:
+    """Create or load the suite's study; creation is serialised (two workers may start at once)."""
+    url = storage_url(suite, options)
+    kwargs = {} if url.startswith("sqlite") else {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
+    sampler = optuna.samplers.TPESampler(seed=0) if suite.search else None
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if suite.search else optuna.pruners.NopPruner()
+    with _file_lock(suite_dir(suite, options) / "create.lock"):
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        return optuna.create_study(study_name=study_name(suite, options), storage=storage, load_if_exists=True,
+                                   direction=suite.direction, sampler=sampler, pruner=pruner)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _engine_kwargs(url: str) -> dict:
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
+@contextlib.contextmanager
+def study_lock(suite: Suite, options: RunOptions, study: optuna.Study) -> Iterator[None]:
+    """Serialise enqueueing across workers: a file lock for SQLite, an advisory lock for PostgreSQL."""
+    url = storage_url(suite, options)
+    if url.startswith("postgresql"):
+        from sqlalchemy import text
+
+        key = int.from_bytes(study_name(suite, options).encode()[:8].ljust(8, b"\0"), "big") & 0x7FFFFFFFFFFFFFFF
+        with study._storage.engine.connect() as connection:  # type: ignore[attr-defined]
+            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        return
+    with _file_lock(suite_dir(suite, options) / f"{study_name(suite, options)}.lock"):
+        yield
+
+
+def grid_keys(suite: Suite, options: RunOptions) -> Dict[str, tuple]:
+    """key -> (point, seed) for every trial the grid asks for."""
+    seeds = max(options.seeds, suite.seeds)
+    return {f"{p.point_id}-s{s}": (p, s) for p in suite.points for s in range(seeds)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study) -> int:
+    """Mark RUNNING trials whose worker is gone as FAIL, so their key is retried."""
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("host") == host and not _pid_alive(int(attrs.get("pid", -1))):
+            study._storage.set_trial_user_attr(trial._trial_id, "error", "worker died (killed or crashed)")  # type: ignore[attr-defined]
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # type: ignore[attr-defined]
+            recovered += 1
+    optuna.storages.fail_stale_trials(study)  # workers on other hosts: stale heartbeat (no-op without one)
+    return recovered
+
+
+def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
+    """Enqueue every key with no COMPLETE/PRUNED/RUNNING/WAITING trial and fewer than MAX_RETRIES failures."""
+    by_key: Dict[str, List[TrialState]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if "key" in trial.user_attrs:
+            by_key.setdefault(trial.user_attrs["key"], []).append(trial.state)
+    enqueued = []
+    for key in keys:
+        states = by_key.get(key, [])
+        live = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
+        if any(s in live for s in states) or states.count(TrialState.FAIL) >= MAX_RETRIES:
+            continue
+        study.enqueue_trial({}, user_attrs={"key": key}, skip_if_exists=False)
+        enqueued.append(key)
+    return enqueued
+
+
+def _claim(study: optuna.Study) -> Optional[optuna.trial.Trial]:
+    """Pop one WAITING trial; None when there is none (a trial created by a lost race is discarded)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return None
+    trial = study.ask()
+    if "key" not in trial.user_attrs:  # another worker took the last waiting trial first
+        trial.set_user_attr("discarded", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    return trial
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def suite_progress(study: optuna.Study, total: int, durations: List[float]) -> str:
+    done = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+               if "key" in t.user_attrs)
+    line = f"{done}/{total} trials done"
+    if durations and done < total:
+        line += f", ETA {_format_eta(sum(durations) / len(durations) * (total - done))}"
+    return line
+
+
+def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn) -> float:
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    start = time.time()
+    try:
+        result = trial_fn(cfg, ctx)
+    except optuna.TrialPruned as pruned:
+        trial.set_user_attr("record", _record(ctx, cfg, {"pruned": str(pruned)}, time.time() - start))
+        study.tell(trial, state=TrialState.PRUNED)
+        return time.time() - start
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as error:  # a failed trial must not stop the suite; it is retried on the next run
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+        study.tell(trial, state=TrialState.FAIL)
+        print(f"[{ctx.suite.name}] trial {ctx.key} failed: {type(error).__name__}: {error}", flush=True)
+        return time.time() - start
+    elapsed = time.time() - start
+    trial.set_user_attr("record", _record(ctx, cfg, result, elapsed))
+    value = result.get(ctx.suite.metric)
+    if value is None:
+        raise KeyError(f"trial function did not return the suite metric {ctx.suite.metric!r}; got {sorted(result)}")
+    study.tell(trial, float(value))
+    return elapsed
+
+
+def _record(ctx: TrialContext, cfg: Any, metrics: Dict[str, Any], wall_time: float) -> Dict[str, Any]:
+    from ablations.provenance import provenance
+    from ablations.config import to_flat_dict
+
+    return {"key": ctx.key, "seed": ctx.seed, "labels": ctx.labels, "metrics": metrics,
+            "config": to_flat_dict(cfg), "wall_time_s": round(wall_time, 2), **provenance()}
+
+
+def records_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per finished trial (complete or pruned), from the study's records."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        record = trial.user_attrs.get("record")
+        if not record:
+            continue
+        row = {"key": record["key"], "trial": trial.number, "state": trial.state.name, "seed": record["seed"],
+               "value": trial.value, "wall_time_s": record["wall_time_s"], "git_commit": record.get("git_commit"),
+               "versions": json.dumps(record.get("versions", {}), sort_keys=True)}
+        row.update({f"axis.{k}": v for k, v in record["labels"].items()})
+        row.update({f"metric.{k}": v for k, v in record["metrics"].items()})
+        row.update({f"config.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
+                    for k, v in record["config"].items()})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
+
+
+def write_records(study: optuna.Study, path: Path) -> pd.DataFrame:
+    """Rewrite the suite's results table atomically (a crash never leaves half a file)."""
+    frame = records_frame(study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return frame
+
+
+def run_grid(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
+             log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Work through the suite's grid (x seeds) until no trial is left; returns the records."""
+    study = open_study(suite, options)
+    keys = grid_keys(suite, options)
+    results = suite_dir(suite, options) / "results.csv"
+    durations: List[float] = []
+    finished = 0
+    while options.max_trials is None or finished < options.max_trials:
+        with study_lock(suite, options, study):
+            recovered = recover_dead_trials(study)
+            if recovered:
+                log(f"[{suite.name}] {recovered} interrupted trial(s) will be retried")
+            enqueue_missing(study, keys)
+            trial = _claim(study)
+        if trial is None:
+            break
+        key = trial.user_attrs["key"]
+        point, seed = keys[key]
+        overrides = suite.delta(options.profile, point.overrides)
+        cfg = make_config({**overrides, "seed": seed})
+        run_dir = suite_dir(suite, options) / "trials" / key
+        ctx = TrialContext(suite, key, point, seed, point.labels, run_dir, trial, options)
+        log(f"[{suite.name}] trial {key} {point.labels} seed {seed}: starting ({suite_progress(study, len(keys), durations)})")
+        durations.append(_run_one(study, trial, ctx, cfg, trial_fn))
+        finished += 1
+        write_records(study, results)
+        log(f"[{suite.name}] {suite_progress(study, len(keys), durations)}")
+    return write_records(study, results)
+
+
+def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
+    """Keys that never completed after MAX_RETRIES failures."""
+    done = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    return [k for k in keys if k not in done]

@@ -1,0 +1,171 @@
+"""Named ablation suites: short YAML deltas over the one structured default (ablations/suites/*.yaml).
+
+A suite file:
+
+    description: one line (shown by `tafm suites`)
+    table: table3                 # the paper table it regenerates
+    metric: val/vid_map50         # what the study optimises / reports
+    direction: maximize
+    base: {model.recurrent.after: [conv13]}      # delta applied to every trial
+    grid:                         # axes; every combination is one trial (run exactly once)
+      width:                      # a value may be a bundle of keys that move together
+        - {model.alpha: 1.0, model.input_size: 320}
+        - {model.alpha: 0.5, model.input_size: 256}
+      model.recurrent.type: [averaging, lstm, gru, bottleneck_lstm]
+    search:                       # instead of (or besides) grid: TPE over a space
+      trials: 12
+      space: {model.alpha_lstm: {low: 0.05, high: 0.5, log: true}, model.recurrent.after: {choices: [...]}}
+      max_macs: 1.2e9             # constraint: configurations above the budget are not trained
+    evaluate: {occlusion_p: [0.25, 0.5, 0.75]}  # extra evaluations of each trained model
+    profiles:                     # scale switch: synthetic (default) or vid (the paper's settings)
+      synthetic: {...}
+      vid: {...}
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ablations.config import ConfigError, load_config
+
+SUITE_KEYS = {"description", "table", "metric", "direction", "base", "grid", "search", "evaluate", "profiles", "seeds"}
+PROFILES = ("synthetic", "vid")
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One configuration of a suite: its id, its axis labels and its config overrides."""
+
+    point_id: str
+    labels: Dict[str, str]
+    overrides: Dict[str, Any]
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    table: str
+    metric: str
+    direction: str
+    base: Dict[str, Any]
+    grid: Dict[str, List[Any]]
+    search: Optional[Dict[str, Any]]
+    evaluate: Dict[str, List[Any]]
+    profiles: Dict[str, Dict[str, Any]]
+    seeds: int = 1
+    source: str = ""
+    points: List[TrialPoint] = field(default_factory=list)
+
+    def delta(self, profile: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The flat config delta of a trial: profile, then suite base, then the trial's own keys."""
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+        merged: Dict[str, Any] = {}
+        merged.update(self.profiles.get(profile, {}))
+        merged.update(self.base)
+        merged.update(extra or {})
+        return merged
+
+
+def suites_dir() -> Path:
+    return Path(str(resources.files("ablations") / "suites"))
+
+
+def available_suites() -> List[str]:
+    return sorted(p.stem for p in suites_dir().glob("*.yaml"))
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k.split('.')[-1]}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return "+".join(str(v) for v in value)
+    return str(value)
+
+
+def _expand_grid(grid: Dict[str, List[Any]]) -> List[TrialPoint]:
+    if not grid:
+        return [TrialPoint("default", {}, {})]
+    axes = list(grid)
+    points = []
+    for combo in itertools.product(*(grid[a] for a in axes)):
+        overrides: Dict[str, Any] = {}
+        labels = {}
+        for axis, value in zip(axes, combo):
+            labels[axis] = _label(value)
+            overrides.update(value if isinstance(value, dict) else {axis: value})
+        digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+        points.append(TrialPoint(digest, labels, overrides))
+    return points
+
+
+def _check_keys(where: str, mapping: Dict[str, Any], source: str) -> None:
+    """Every key must exist in the structured config: load it once to get the error message."""
+    try:
+        load_config([], delta=_nest(mapping), delta_source=f"{source}: {where}")
+    except ConfigError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _nest(flat: Dict[str, Any]) -> Dict[str, Any]:
+    nested: Dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Read and validate a suite by name (ablations/suites/NAME.yaml) or path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = suites_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown suite {name_or_path!r}; valid: {', '.join(available_suites())}")
+    elif not path.is_file():
+        raise ConfigError(f"suite file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    unknown = set(raw) - SUITE_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown suite key(s) {sorted(unknown)}; valid: {sorted(SUITE_KEYS)}")
+    for key in ("description", "table", "metric"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing required key {key!r}")
+    direction = raw.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"{path}: direction must be maximize or minimize, got {direction!r}")
+    profiles = raw.get("profiles", {}) or {}
+    for profile in profiles:
+        if profile not in PROFILES:
+            raise ConfigError(f"{path}: unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    grid = raw.get("grid", {}) or {}
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid axis {axis!r} must be a non-empty list")
+    suite = Suite(name=path.stem, description=raw["description"], table=raw["table"], metric=raw["metric"],
+                  direction=direction, base=raw.get("base", {}) or {}, grid=grid, search=raw.get("search"),
+                  evaluate=raw.get("evaluate", {}) or {}, profiles=profiles, seeds=int(raw.get("seeds", 1)),
+                  source=str(path))
+    suite.points = _expand_grid(grid)
+    for profile in PROFILES:
+        _check_keys(f"profile {profile}", suite.delta(profile), str(path))
+    for point in suite.points:
+        _check_keys(f"grid point {point.labels}", suite.delta("synthetic", point.overrides), str(path))
+    for key in suite.evaluate:
+        if key != "occlusion_p":
+            raise ConfigError(f"{path}: evaluate supports occlusion_p only, got {key!r}")
+    return suite

@@ -1,0 +1,47 @@
+"""A worker process for the harness tests: runs a suite's grid with a cheap trial function.
+
+    python harness_worker.py SUITE_YAML RUNS_DIR [--kill-at KEY_PREFIX] [--sleep S] [--fail-once-at KEY_PREFIX]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+
+from ablations.config import load_config
+from ablations.harness import RunOptions, run_grid
+from ablations.suite import _nest, load_suite
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("suite")
+    parser.add_argument("runs")
+    parser.add_argument("--kill-at", default=None)
+    parser.add_argument("--fail-once-at", default=None)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    args = parser.parse_args()
+    marker = Path(args.runs) / "failed-once"
+
+    def trial_fn(cfg, ctx):
+        if args.kill_at and ctx.key.startswith(args.kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)  # as if the machine died mid-trial
+        if args.fail_once_at and ctx.key.startswith(args.fail_once_at) and not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("transient failure")
+        time.sleep(args.sleep)
+        with open(Path(args.runs) / "calls.log", "a") as log:
+            log.write(f"{ctx.key} {os.getpid()}\n")
+        return {"val/vid_map50": cfg.model.alpha * 10 + cfg.data.seed, "params": 1}
+
+    def make_config(delta):
+        seed = delta.pop("seed")
+        return load_config([f"data.seed={seed}"], delta=_nest(delta))
+
+    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs)), trial_fn, make_config, log=lambda s: None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The sweep harness: every grid point exactly once, across reruns, kills and concurrent workers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from ablations.config import ConfigError
+from ablations.harness import RunOptions, open_study
+from ablations.suite import load_suite
+
+WORKER = Path(__file__).parent / "helpers" / "harness_worker.py"
+SUITE = """\
+description: harness test suite
+table: table3
+metric: val/vid_map50
+base: {model.input_size: 64}
+grid:
+  model.alpha: [0.25, 0.5, 1.0]
+  model.recurrent.type: [none, bottleneck_lstm]
+"""
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    path = tmp_path / "harness_test.yaml"
+    path.write_text(SUITE)
+    return path
+
+
+def _worker(suite_file, runs, *extra, wait=True):
+    cmd = [sys.executable, str(WORKER), str(suite_file), str(runs), *extra]
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _calls(runs):
+    log = Path(runs) / "calls.log"
+    return log.read_text().split() [::2] if log.exists() else []
+
+
+def _complete(suite_file, runs):
+    study = open_study(load_suite(str(suite_file)), RunOptions(runs_dir=Path(runs)))
+    return [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+
+
+def test_grid_runs_once_records_match_study_and_rerun_skips(tmp_path, suite_file):
+    runs = tmp_path / "runs"
+    assert _worker(suite_file, runs).returncode == 0
+    complete = _complete(suite_file, runs)
+    assert len(complete) == 6 and len({t.user_attrs["key"] for t in complete}) == 6
+    results = pd.read_csv(runs / "harness_test" / "results.csv")
+    assert len(results) == 6
+    by_key = {t.user_attrs["key"]: t.value for t in complete}
+    for _, row in results.iterrows():
+        assert row["value"] == by_key[row["key"]] == row["metric.val/vid_map50"]
+        assert row["config.model.alpha"] * 10 == row["value"]
+    for column in ("git_commit", "versions", "wall_time_s", "axis.model.alpha", "axis.model.recurrent.type"):
+        assert column in results.columns
+    assert _worker(suite_file, runs).returncode == 0  # rerun: nothing left to do
+    assert len(_calls(runs)) == 6
+
+
+def test_killed_worker_keeps_finished_trials_and_rerun_retries_the_interrupted_one(tmp_path, suite_file):
+    runs = tmp_path / "runs"
+    first = _load_keys(suite_file)
+    killed = _worker(suite_file, runs, "--kill-at", first[2])
+    assert killed.returncode != 0  # SIGKILL mid-trial
+    assert len(_complete(suite_file, runs)) == 2  # the two finished trials are kept
+    assert len(pd.read_csv(runs / "harness_test" / "results.csv")) == 2
+    assert _worker(suite_file, runs).returncode == 0
+    complete = _complete(suite_file, runs)
+    assert sorted(t.user_attrs["key"] for t in complete) == sorted(first)
+    assert sorted(_calls(runs)) == sorted(first)  # nothing ran twice to completion
+
+
+def test_failed_trial_is_retried(tmp_path, suite_file):
+    runs = tmp_path / "runs"
+    keys = _load_keys(suite_file)
+    assert _worker(suite_file, runs, "--fail-once-at", keys[1]).returncode == 0
+    study = open_study(load_suite(str(suite_file)), RunOptions(runs_dir=runs))
+    states = [(t.user_attrs.get("key"), t.state) for t in study.get_trials()]
+    assert (keys[1], TrialState.FAIL) in states and (keys[1], TrialState.COMPLETE) in states
+    assert len(_complete(suite_file, runs)) == 6
+
+
+def test_two_concurrent_workers_never_duplicate_or_lose_a_trial(tmp_path, suite_file):
+    runs = tmp_path / "runs"
+    procs = [_worker(suite_file, runs, "--sleep", "0.3", wait=False) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    calls = _calls(runs)
+    assert sorted(calls) == sorted(_load_keys(suite_file)), "each grid point exactly once"
+    pids = {line.split()[1] for line in (runs / "calls.log").read_text().splitlines()}
+    assert len(pids) == 2, "both workers took trials"
+
+
+def _load_keys(suite_file):
+    from ablations.harness import grid_keys
+
+    return list(grid_keys(load_suite(str(suite_file)), RunOptions()))
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("description: x\ntable: t\nmetric: m\ngrid: {model.alpah: [1]}\n", "model.alpah"),
+        ("description: x\ntable: t\nmetric: m\nbogus: 1\n", "unknown suite key"),
+        ("description: x\ntable: t\nmetric: m\ngrid: {model.alpha: []}\n", "non-empty list"),
+        ("description: x\ntable: t\nmetric: m\nprofiles: {laptop: {}}\n", "unknown profile 'laptop'"),
+        ("description: x\nmetric: m\n", "missing required key 'table'"),
+        ("description: [x\n", "not valid YAML"),
+    ],
+)
+def test_bad_suite_files_name_the_problem(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="bad.yaml") as error:
+        load_suite(str(path))
+    assert expected in str(error.value)
+
+
+def test_unknown_suite_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown suite 'nope'; valid:"):
+        load_suite("nope")
