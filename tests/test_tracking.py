@@ -1,0 +1,81 @@
+"""W&B runs are offline by default and their files hold the trial's config and summary; pruning stops a trial."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import pytorch_lightning as pl
+
+from ablations.pruning import OptunaPruning
+from ablations.tracking import TrialRun, read_offline_run, resolve_mode, sync_command
+
+
+def test_mode_resolution(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode(None) == "disabled"
+    assert resolve_mode("online") == "online"
+    with pytest.raises(ValueError, match="valid: offline, online, disabled"):
+        resolve_mode("cloud")
+
+
+def test_offline_run_files_hold_config_and_summary(tmp_path):
+    config = {"model.alpha": 0.5, "model.recurrent.type": "gru"}
+    with TrialRun("offline", "tafm", "table3_recurrent", "stage2", "k-s0", ["model.alpha=0.5", "type=gru"],
+                  config, tmp_path) as run:
+        run.log({"val/loss": 2.0}, step=1)
+        run.summary({"val/vid_map50": 0.375, "params": 1234})
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    stored = read_offline_run(run_dirs[0])
+    assert stored["group"] == "table3_recurrent" and stored["job_type"] == "stage2"
+    assert set(stored["tags"]) == {"model.alpha=0.5", "type=gru"}
+    assert json.loads(stored["config"]["model.alpha"]) == 0.5
+    assert json.loads(stored["config"]["model.recurrent.type"]) == "gru"
+    assert json.loads(stored["summary"]["val/vid_map50"]) == 0.375
+    assert sync_command(tmp_path).startswith("wandb sync ")
+
+
+def test_disabled_mode_writes_nothing(tmp_path):
+    with TrialRun("disabled", "tafm", "g", "stage1", "n", [], {}, tmp_path) as run:
+        run.log({"a": 1.0})
+    assert not (tmp_path / "wandb").exists() and sync_command(tmp_path) is None
+
+
+class _Constant(pl.LightningModule):
+    def __init__(self, value: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.value = value
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/vid_map50", self.value)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(trial, value):
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[OptunaPruning(trial, "val/vid_map50")])
+    trainer.fit(_Constant(value), data, data)
+
+
+def test_pruning_callback_stops_a_hopeless_trial():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    for value in (0.8, 0.9):
+        trial = study.ask()
+        _fit(trial, value)
+        study.tell(trial, value)
+    hopeless = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        _fit(hopeless, 0.1)
+    assert hopeless.number in [t.number for t in study.trials]
