@@ -1,0 +1,293 @@
+"""LSTM-SSD training and online evaluation as one LightningModule (paper Sec. 4.1; reproduction
+notes Sec. 4). `TrainConfig` holds every training default; `fit.py` wires it to a Trainer.
+
+- Stage 1 (`train.init_checkpoint` None): single-frame SSD (model.recurrent.type=none) on VID clips.
+- Stage 2 (`train.init_checkpoint` set): weights with matching names and shapes come from an earlier
+  checkpoint (`stages.py`), the base through `train.freeze_through` is frozen, clips of
+  `data.clip_length` frames are unrolled with full backprop through the clip.
+- Validation is online (paper Sec. 4.1 "minival"): B = 1 clips in frame order, the recurrent state
+  carried from one clip to the next of the same video and zeroed at every new video; detections are
+  mapped back to original pixels and scored by `VidEvaluator` (devkit mAP@0.5, COCO AP50, stability).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from datamodules.metrics import VidEvaluator
+from datamodules.vid import CLASS_NAMES, normalized_to_pixel
+from lightning_modules.anchors import BoxCoder, generate_anchors
+from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.loss import MultiboxLoss
+from lightning_modules.network import MOBILENET_V1, create_model
+from lightning_modules.optim import RMSpropTF, paper_lr_lambda
+from lightning_modules.postprocess import postprocess
+from lightning_modules.stages import freeze_base, frozen_batchnorms, keep_frozen_bn_eval
+
+#: Paper Sec. 4.1 learning rates: 0.003 for alpha = 1 (320px), 0.002 for alpha = 0.5 (256px).
+PAPER_LR_ALPHA_1 = 0.003
+PAPER_LR_ALPHA_HALF = 0.002
+BASE_LAYER_NAMES = tuple(name for name, _, _ in MOBILENET_V1)
+
+
+class FreezeMode(Enum):
+    """How stage 2 freezes the base through Conv13 (reproduction notes Sec. 4)."""
+
+    frozen_bn_eval = "frozen_bn_eval"  # requires_grad False AND those BatchNorms stay in eval mode
+    naive = "naive"  # requires_grad False only: BN running statistics keep updating
+    none = "none"  # nothing frozen
+
+
+@dataclass
+class TrainConfig:
+    """Every training default (the `train` group of the root config)."""
+
+    # optimiser: TF1 RMSprop (paper Sec. 4.1; reproduction notes Sec. 4)
+    lr: Optional[float] = None  # None: 0.003 when model.alpha >= 1, else 0.002 (paper Sec. 4.1)
+    rms_decay: float = 0.9
+    momentum: float = 0.9
+    epsilon: float = 1.0
+    weight_decay: float = 4e-5  # TF l2_regularizer scale, on conv weights only
+    lr_decay_steps: int = 200_000  # lr x lr_decay_factor every lr_decay_steps (staircase)
+    lr_decay_factor: float = 0.95
+    grad_clip_norm: float = 10.0  # clip by global norm; 0 disables
+    ema_decay: float = 0.9999  # weight EMA used for evaluation; 0 disables
+    ema_warmup: bool = True  # TF num_updates: decay_t = min(decay, (1 + t) / (10 + t))
+    # loss (reproduction notes Sec. 4)
+    loc_weight: float = 4.0
+    max_negatives_per_positive: float = 10.0
+    negative_weight: float = 0.3
+    # stages
+    init_checkpoint: Optional[str] = None  # stage 2: load matching names+shapes from this checkpoint
+    init_from_ema: bool = False  # take the checkpoint's EMA weights instead of its raw ones (TF: raw)
+    freeze: FreezeMode = FreezeMode.frozen_bn_eval  # applied only when init_checkpoint is set
+    freeze_through: str = "conv13"  # last frozen base layer (the paper's Conv13)
+    backbone_weights: Optional[str] = None  # timm mobilenetv1_100 state-dict file (stage 1)
+    # evaluation post-processing (reproduction notes Sec. 4)
+    score_threshold: float = 0.01
+    nms_iou: float = 0.5
+    max_per_class: int = 100
+    max_total: int = 100
+    eval_clean_and_occluded: bool = True  # with data.occlusion_p > 0: also evaluate the clean stream
+    # run
+    seed: int = 0
+    max_steps: int = -1  # -1: no step limit
+    max_epochs: Optional[int] = 10
+    val_every_n_steps: Optional[int] = None  # None: validate at the end of every val_every_n_epochs
+    val_every_n_epochs: int = 1
+    checkpoint_every_n_steps: int = 1000
+    out_dir: str = "runs/train"
+    csv_logger: bool = True
+    log_every_n_steps: int = 50
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # e.g. ddp, ddp_spawn (gloo on CPU)
+    precision: str = "32-true"  # or bf16-mixed, 16-mixed
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid key, its value and what is valid."""
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0 (or null for the paper's default), got {self.lr}")
+        for key in ("rms_decay", "momentum", "lr_decay_factor", "negative_weight"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
+        for key in ("epsilon", "weight_decay", "grad_clip_norm", "loc_weight", "max_negatives_per_positive",
+                    "score_threshold"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("lr_decay_steps", "max_per_class", "max_total", "val_every_n_epochs",
+                    "checkpoint_every_n_steps", "log_every_n_steps", "devices", "num_nodes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.nms_iou <= 1.0:
+            raise ValueError(f"train.nms_iou must be in [0, 1], got {self.nms_iou}")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ValueError(f"train.max_steps must be -1 (no limit) or >= 1, got {self.max_steps}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"train.max_epochs must be null or >= 1, got {self.max_epochs}")
+        if self.max_epochs is None and self.max_steps == -1:
+            raise ValueError("train.max_steps=-1 and train.max_epochs=null would train forever; set one")
+        if self.val_every_n_steps is not None and self.val_every_n_steps < 1:
+            raise ValueError(f"train.val_every_n_steps must be null or >= 1, got {self.val_every_n_steps}")
+        if self.freeze_through not in BASE_LAYER_NAMES:
+            raise ValueError(f"train.freeze_through must be a base layer, one of {', '.join(BASE_LAYER_NAMES)}; "
+                             f"got {self.freeze_through!r}")
+        if not isinstance(self.freeze, FreezeMode):
+            raise ValueError(f"train.freeze must be one of {[m.value for m in FreezeMode]}, got {self.freeze!r}")
+        valid_precision = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+        if str(self.precision) not in valid_precision:
+            raise ValueError(f"train.precision must be one of {', '.join(valid_precision)}, got {self.precision!r}")
+
+    @property
+    def stage(self) -> int:
+        """2 when initialised from an earlier checkpoint (paper Sec. 4.1 two-stage training), else 1."""
+        return 2 if self.init_checkpoint else 1
+
+
+def resolve_lr(train: TrainConfig, model: ModelConfig) -> float:
+    """train.lr, or the paper's value for the model width (paper Sec. 4.1)."""
+    if train.lr is not None:
+        return float(train.lr)
+    return PAPER_LR_ALPHA_1 if model.alpha >= 1.0 else PAPER_LR_ALPHA_HALF
+
+
+def as_config(cls: type, value: Any) -> Any:
+    """A dataclass config from itself, a dict or a DictConfig (checkpoint hparams are plain dicts)."""
+    if isinstance(value, cls):
+        return value
+    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(value or {}))
+    return OmegaConf.to_object(merged)
+
+
+def config_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain container of a config dataclass (enums as strings): what hparams and the logger store."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def _detach_state(state: Tuple) -> Tuple:
+    return tuple(tuple(s.detach() for s in cell) for cell in state)
+
+
+class LSTMSSDModule(pl.LightningModule):
+    """Network + multibox loss + RMSpropTF; online VID evaluation in the validation loop."""
+
+    def __init__(self, model: ModelConfig | Dict, train: TrainConfig | Dict, **recorded: Any) -> None:
+        """`recorded` takes the derived hparams (stage, freeze_applied, lr_resolved) back from a
+        checkpoint (`load_from_checkpoint`); they are recomputed from the two configs."""
+        super().__init__()
+        self.model_cfg: ModelConfig = as_config(ModelConfig, model)
+        self.train_cfg: TrainConfig = as_config(TrainConfig, train)
+        validate_model(self.model_cfg)
+        self.train_cfg.validate()
+        freeze = self.train_cfg.freeze if self.train_cfg.stage == 2 else FreezeMode.none
+        self.save_hyperparameters({"model": config_dict(self.model_cfg), "train": config_dict(self.train_cfg),
+                                   "stage": self.train_cfg.stage, "freeze_applied": freeze.value,
+                                   "lr_resolved": resolve_lr(self.train_cfg, self.model_cfg)})
+        self.net = create_model(self.model_cfg)
+        self.box_coder = BoxCoder()
+        self.loss_fn = MultiboxLoss(generate_anchors(self.net.feature_map_sizes), self.box_coder,
+                                    num_classes=self.model_cfg.num_classes,
+                                    loc_weight=self.train_cfg.loc_weight,
+                                    max_negatives_per_positive=self.train_cfg.max_negatives_per_positive,
+                                    negative_weight=self.train_cfg.negative_weight)
+        self.frozen_layers: List[str] = []
+        self.frozen_bn: List[str] = []
+        if freeze != FreezeMode.none:
+            self.frozen_layers = freeze_base(self.net, self.train_cfg.freeze_through)
+            if freeze == FreezeMode.frozen_bn_eval:
+                self.frozen_bn = frozen_batchnorms(self.net, self.frozen_layers)
+        self.val_stream_names: List[str] = ["val"]  # per val dataloader index (fit.py adds val_occluded)
+        self._val_records: Dict[int, list] = {}
+        self._val_state: Dict[int, Tuple] = {}
+        self._val_video: Dict[int, str] = {}
+        self.last_val_step: Optional[int] = None
+
+    # --- frozen BatchNorm (paper Sec. 4.1 "freeze the weights in the base network") -------------
+    def train(self, mode: bool = True) -> "LSTMSSDModule":
+        """Module train mode, except frozen BatchNorms which stay in eval (running stats fixed)."""
+        super().train(mode)
+        keep_frozen_bn_eval(self.net, self.frozen_bn)
+        return self
+
+    def on_train_batch_start(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        keep_frozen_bn_eval(self.net, self.frozen_bn)  # in case anything called .train() on a submodule
+
+    # --- training -------------------------------------------------------------------------------
+    def clip_loss(self, batch: Dict[str, Any], box_regression: Tensor, class_logits: Tensor) -> Dict[str, Tensor]:
+        """Multibox loss over every frame of every clip (frames flattened time-major, as the net)."""
+        gt_boxes = [b for frame in batch["boxes"] for b in frame]
+        gt_labels = [label for frame in batch["labels"] for label in frame]
+        return self.loss_fn(box_regression.flatten(0, 1), class_logits.flatten(0, 1), gt_boxes, gt_labels)
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        """One clip batch [T, B]: zero state at each clip start, full backprop through the T frames."""
+        box_regression, class_logits, _ = self.net(batch["images"], None, batch["reset"])
+        losses = self.clip_loss(batch, box_regression, class_logits)
+        frames = batch["images"].shape[0] * batch["images"].shape[1]
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=frames, prog_bar=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=frames)
+        return losses["loss"]
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        """RMSpropTF with L2 on conv weights only (TF regularizers), lr x0.95 every 200k steps."""
+        cfg = self.train_cfg
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in trainable if p.ndim == 4], "weight_decay": cfg.weight_decay},
+                  {"params": [p for _, p in trainable if p.ndim != 4], "weight_decay": 0.0}]
+        optimizer = RMSpropTF([g for g in groups if g["params"]], lr=resolve_lr(cfg, self.model_cfg),
+                              decay=cfg.rms_decay, momentum=cfg.momentum, epsilon=cfg.epsilon)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, paper_lr_lambda(cfg.lr_decay_steps,
+                                                                                 cfg.lr_decay_factor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- online evaluation ----------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_records, self._val_state, self._val_video = {}, {}, {}
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
+        """One B = 1 clip of the ordered eval stream; returns the raw outputs (for inspection)."""
+        video = batch["video"][0][0]
+        carried = self._val_state.get(dataloader_idx) if self._val_video.get(dataloader_idx) == video else None
+        box_regression, class_logits, state = self.net(batch["images"], carried, batch["reset"])
+        self._val_state[dataloader_idx] = _detach_state(state)
+        self._val_video[dataloader_idx] = batch["video"][-1][0]
+        losses = self.clip_loss(batch, box_regression, class_logits)
+        steps = batch["images"].shape[0]
+        self.log(f"{self._stream(dataloader_idx)}/loss", losses["loss"], batch_size=steps,
+                 add_dataloader_idx=False, sync_dist=True)
+        detections = postprocess(box_regression.flatten(0, 1), class_logits.flatten(0, 1),
+                                 self.loss_fn.anchors, self.box_coder, self.train_cfg.score_threshold,
+                                 self.train_cfg.nms_iou, self.train_cfg.max_per_class, self.train_cfg.max_total)
+        records = self._val_records.setdefault(dataloader_idx, [])
+        for t in range(steps):
+            det = detections[t]  # B = 1: frame t of the clip
+            height, width = (int(v) for v in batch["orig_size"][t, 0])
+            boxes = normalized_to_pixel(det["boxes"].float().cpu(), width, height)
+            records.append((batch["video"][t][0], int(batch["frame_index"][t, 0]),
+                            batch["gt_boxes_px"][t][0].cpu().numpy(), batch["gt_labels"][t][0].cpu().numpy(),
+                            batch["gt_track_ids"][t][0].cpu().numpy(), boxes.numpy(),
+                            det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy()))
+        return {"box_regression": box_regression, "class_logits": class_logits}
+
+    def _stream(self, dataloader_idx: int) -> str:
+        names = self.val_stream_names
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"val{dataloader_idx}"
+
+    def on_validation_epoch_end(self) -> None:
+        """Gather every rank's frames, score them once, log identical values on every rank."""
+        indices = sorted(self._val_records)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._val_records)
+            indices = sorted({i for part in gathered for i in part})
+            records = {i: [r for part in gathered for r in part.get(i, [])] for i in indices}
+        else:
+            records = self._val_records
+        for index in indices:
+            metrics = self.evaluate_records(records[index])
+            prefix = self._stream(index)
+            flat = {f"{prefix}/vid_map50": metrics["vid_map50"], f"{prefix}/coco_ap50": metrics["coco_ap50"],
+                    f"{prefix}/num_frames": float(metrics["num_frames"])}
+            flat.update({f"{prefix}/ap/{name}": ap for name, ap in metrics["per_class_ap"].items()})
+            flat.update({f"{prefix}/stability/{k}": float(v) for k, v in metrics["stability"].items()})
+            self.log_dict(flat, add_dataloader_idx=False, sync_dist=True)  # equal on every rank already
+        self.last_val_step = self.global_step
+
+    def evaluate_records(self, records: List[Tuple]) -> Dict[str, Any]:
+        """VidEvaluator over per-frame records (video, frame, gt boxes/labels/tracks, detections)."""
+        names = CLASS_NAMES if self.model_cfg.num_classes == len(CLASS_NAMES) else None
+        evaluator = VidEvaluator(class_names=names, num_classes=self.model_cfg.num_classes)
+        for video, frame, gt_boxes, gt_labels, tracks, boxes, scores, labels in records:
+            evaluator.update(video, frame, gt_boxes, gt_labels, tracks, boxes.astype(np.float64), scores, labels)
+        return evaluator.compute()
