@@ -12,6 +12,18 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from datamodules.clips import DataConfig
 from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.training import TrainConfig
+
+
+@dataclass
+class SweepConfig:
+    """How a suite trial is run (the `sweep` group)."""
+
+    stage1_max_steps: Optional[int] = None  # stage-1 length; None: train.max_steps
+    stage1_lr: Optional[float] = None  # None: train.lr
+    progressive: bool = True  # stacked/multi-LSTM trials finetune from the trial with one layer fewer (paper Sec. 4.2)
+    latency: bool = False  # also export and time the trained model (paper Table 7)
+    latency_frames: int = 200
 
 
 class ConfigError(ValueError):
@@ -22,6 +34,8 @@ class ConfigError(ValueError):
 class TafmConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _valid_keys(node, prefix: str) -> List[str]:
@@ -94,6 +108,7 @@ def load_config(overrides: Iterable[str] = (), delta: Optional[dict] = None, del
     try:
         validate_model(obj.model)
         obj.data.validate()
+        obj.train.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return obj

@@ -296,3 +296,46 @@ def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
     """Keys that never completed after MAX_RETRIES failures."""
     done = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
     return [k for k in keys if k not in done]
+
+
+def _suggest(trial: optuna.trial.Trial, space: Dict[str, Any]) -> Dict[str, Any]:
+    """Sample a search space: {low, high[, log]} floats, {low, high, int: true} ints, {choices: [...]}."""
+    values: Dict[str, Any] = {}
+    for key, spec in space.items():
+        if "choices" in spec:
+            labels = [json.dumps(c) for c in spec["choices"]]  # Optuna categoricals must be scalars
+            values[key] = json.loads(trial.suggest_categorical(key, labels))
+        elif spec.get("int"):
+            values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return values
+
+
+def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
+               log: Callable[[str], None] = print) -> pd.DataFrame:
+    """TPE over the suite's search space until `search.trials` trials are finished (across workers)."""
+    study = open_study(suite, options)
+    total = int(suite.search["trials"])
+    results = suite_dir(suite, options) / "results.csv"
+    durations: List[float] = []
+    finished = 0
+    while options.max_trials is None or finished < options.max_trials:
+        with study_lock(suite, options, study):
+            recover_dead_trials(study)
+            done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+            if len(done) >= total:
+                break
+            trial = study.ask()
+            key = f"search-{trial.number:04d}"
+            trial.set_user_attr("key", key)
+        params = _suggest(trial, suite.search["space"])
+        labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
+        cfg = make_config({**suite.delta(options.profile, params), "seed": 0})
+        ctx = TrialContext(suite, key, None, 0, labels, suite_dir(suite, options) / "trials" / key, trial, options)
+        log(f"[{suite.name}] trial {key} {labels}: starting ({suite_progress(study, total, durations)})")
+        durations.append(_run_one(study, trial, ctx, cfg, trial_fn))
+        finished += 1
+        write_records(study, results)
+        log(f"[{suite.name}] {suite_progress(study, total, durations)}")
+    return write_records(study, results)

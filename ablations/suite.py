@@ -17,7 +17,7 @@ A suite file:
       space: {model.alpha_lstm: {low: 0.05, high: 0.5, log: true}, model.recurrent.after: {choices: [...]}}
       max_macs: 1.2e9             # constraint: configurations above the budget are not trained
     evaluate: {occlusion_p: [0.25, 0.5, 0.75]}  # extra evaluations of each trained model
-    profiles:                     # scale switch: synthetic (default) or vid (the paper's settings)
+    profiles:                     # scale switch: synthetic (default) or vid (the paper's settings); wins over grid
       synthetic: {...}
       vid: {...}
 """
@@ -65,13 +65,16 @@ class Suite:
     points: List[TrialPoint] = field(default_factory=list)
 
     def delta(self, profile: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """The flat config delta of a trial: profile, then suite base, then the trial's own keys."""
+        """The flat config delta of a trial: suite base, then the trial's own keys, then the profile.
+
+        A profile carries scale (input size, training length, workers), never an axis, so it wins:
+        the synthetic profile shrinks every grid point's input the same way."""
         if profile not in PROFILES:
             raise ConfigError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
         merged: Dict[str, Any] = {}
-        merged.update(self.profiles.get(profile, {}))
         merged.update(self.base)
         merged.update(extra or {})
+        merged.update(self.profiles.get(profile, {}))
         return merged
 
 

@@ -1,0 +1,160 @@
+"""What one suite trial does: count costs, train (reusing every stage another trial already trained),
+evaluate (clean, and occluded where the suite asks), and hand the metrics to the harness.
+
+Every trained stage is cached under runs/_stages/<config hash>/ behind a file lock, so trials (and
+suites, and concurrent workers) with the same stage-1 configuration share one single-frame SSD,
+and Table 4's stacked placements finetune from the trial with one layer fewer (paper Sec. 4.2).
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ablations.config import TafmConfig, to_flat_dict
+from ablations.harness import TrialContext
+from ablations.tracking import TrialRun
+from lightning_modules.config import RecurrentType
+from lightning_modules.cost import count_cost
+from lightning_modules.network import create_model
+
+STAGES_DIR = "_stages"
+DONE = "done.json"
+# keys that do not change what a stage trains: evaluation-only or bookkeeping
+_NOT_TRAINING = ("data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
+                 "data.max_val_videos", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
+                 "train.csv_logger", "train.log_every_n_steps", "train.eval_clean_and_occluded",
+                 "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames")
+
+
+def stage_hash(cfg: TafmConfig) -> str:
+    flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in _NOT_TRAINING}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
+    """The stage this one starts from: stage 1 (no recurrence), or with progressive training the same
+    model with its last recurrent layer removed."""
+    if cfg.model.recurrent.type == RecurrentType.none:
+        return None
+    parent = copy.deepcopy(cfg)
+    after = list(cfg.model.recurrent.after)
+    if cfg.sweep.progressive and len(after) > 1:
+        parent.model.recurrent.after = after[:-1]
+        return parent
+    parent.model.recurrent.type = RecurrentType.none
+    parent.model.recurrent.after = []
+    if cfg.sweep.stage1_max_steps is not None:
+        parent.train.max_steps = cfg.sweep.stage1_max_steps
+    if cfg.sweep.stage1_lr is not None:
+        parent.train.lr = cfg.sweep.stage1_lr
+    return parent
+
+
+def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
+    """The checkpoint of `cfg` trained (with its parents), from the cache or trained now; resumable."""
+    from lightning_modules.fit import fit
+
+    directory = runs_dir / STAGES_DIR / stage_hash(cfg)
+    done = directory / DONE
+    if done.is_file():
+        return Path(json.loads(done.read_text())["checkpoint"])
+    parent = _parent(cfg)
+    init = trained_stage(parent, runs_dir, log) if parent is not None else None
+    handle = _lock(directory.with_suffix(".lock"))
+    try:
+        if done.is_file():  # another worker trained it while we waited
+            return Path(json.loads(done.read_text())["checkpoint"])
+        stage = copy.deepcopy(cfg)
+        stage.train.out_dir = str(directory)
+        stage.train.init_checkpoint = str(init) if init else None
+        kind = "stage 1 (single-frame SSD)" if init is None else f"stage 2 ({_describe(cfg)})"
+        log(f"  training {kind} -> {directory}")
+        result = fit(stage.model, stage.data, stage.train, resume=True)
+        (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
+        tmp = done.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))
+        os.replace(tmp, done)
+        return result.checkpoint
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _describe(cfg: TafmConfig) -> str:
+    return f"{cfg.model.recurrent.type.value} after {'+'.join(cfg.model.recurrent.after)}"
+
+
+def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, list]) -> Dict[str, float]:
+    """Clean evaluation plus one per occlusion probability (all models see the same occlusions)."""
+    from lightning_modules.fit import evaluate
+
+    metrics: Dict[str, float] = {}
+    clean = copy.deepcopy(cfg)
+    clean.data.occlusion_p = 0.0
+    metrics.update(evaluate(clean.model, clean.data, clean.train, checkpoint=checkpoint))
+    for p in variants.get("occlusion_p", []):
+        occluded = copy.deepcopy(cfg)
+        occluded.data.occlusion_p = float(p)
+        occluded.train.eval_clean_and_occluded = False
+        for key, value in evaluate(occluded.model, occluded.data, occluded.train, checkpoint=checkpoint).items():
+            metrics[f"occ{p}/{key.split('/', 1)[1]}"] = value
+    return metrics
+
+
+def run_trial(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log=print) -> Dict[str, Any]:
+    """The harness's trial function for every suite."""
+    cost = count_cost(create_model(cfg.model))
+    metrics: Dict[str, Any] = {"params": cost.params, "macs": cost.macs}
+    search = ctx.suite.search or {}
+    if "max_macs" in search and cost.macs > float(search["max_macs"]):
+        import optuna
+
+        raise optuna.TrialPruned(f"{cost.macs / 1e9:.3f}B MACs over the budget {float(search['max_macs']) / 1e9:.3f}B")
+    runs_dir = ctx.options.runs_dir
+    job = "stage1" if cfg.model.recurrent.type == RecurrentType.none else "stage2"
+    tags = [f"{axis}={label}" for axis, label in ctx.labels.items()]
+    with TrialRun(wandb_mode, "tafm", ctx.suite.name, job, ctx.key, tags, to_flat_dict(cfg),
+                  runs_dir / ctx.suite.name) as tracked:
+        checkpoint = trained_stage(cfg, runs_dir, log)
+        metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate))
+        if cfg.sweep.latency:
+            metrics.update(_latency(cfg, checkpoint, ctx.run_dir))
+        metrics["checkpoint"] = str(checkpoint)
+        tracked.log({k: v for k, v in metrics.items() if k != "checkpoint"})
+        tracked.summary(metrics)
+    return metrics
+
+
+def _latency(cfg: TafmConfig, checkpoint: Path, run_dir: Path) -> Dict[str, float]:
+    from lightning_modules.export import export_model
+    from lightning_modules.latency import measure_latency
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "model.onnx"
+    export_model(checkpoint, out, "onnx")
+    result = measure_latency(out, frames=cfg.sweep.latency_frames)
+    return {"latency_ms_median": result.median_ms, "latency_ms_p90": result.p90_ms}
+
+
+def make_config(overrides_cli, delta: Dict[str, Any]) -> TafmConfig:
+    """A trial's config: default <- suite delta (profile, base, grid point) <- --set; `seed` seeds data and train."""
+    from ablations.config import load_config
+    from ablations.suite import _nest
+
+    delta = dict(delta)
+    seed = delta.pop("seed", 0)
+    cfg = load_config(overrides_cli, delta=_nest(delta))
+    return replace(cfg, data=replace(cfg.data, seed=cfg.data.seed + seed), train=replace(cfg.train, seed=cfg.train.seed + seed))
