@@ -33,6 +33,113 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suites(args: argparse.Namespace) -> int:
+    from ablations.suite import available_suites, load_suite
+
+    for name in available_suites():
+        suite = load_suite(name)
+        size = f"{suite.search['trials']} TPE trials" if suite.search else f"{len(suite.points)} grid points"
+        print(f"{name:<20} {suite.description} [{size}]")
+    return 0
+
+
+def _run_options(args: argparse.Namespace):
+    from ablations.harness import RunOptions
+
+    return RunOptions(runs_dir=Path(args.runs_dir), storage=args.storage, profile=args.profile, seeds=args.seeds,
+                      overrides=list(args.set), max_trials=args.max_trials)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ablations.harness import failed_keys, grid_keys, open_study, run_grid, run_search
+    from ablations.runner import make_config, run_trial
+    from ablations.suite import load_suite
+    from ablations.tracking import log_table, resolve_mode, sync_command
+
+    suite = load_suite(args.suite)
+    mode = resolve_mode(args.wandb)
+    options = _run_options(args)
+    if args.data_root:
+        options.overrides.append(f"data.root={Path(args.data_root).resolve()}")
+    if args.profile == "vid" and not args.data_root:
+        raise ValueError("--profile vid trains at the paper's settings on ImageNet VID: pass --data-root PATH")
+    make_config(options.overrides, suite.delta(options.profile, suite.points[0].overrides))  # bad --set fails now
+    print(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; "
+          f"records in {Path(options.runs_dir) / suite.name}")
+    runner = run_search if suite.search else run_grid
+    frame = runner(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
+                   lambda delta: make_config(options.overrides, delta))
+    study = open_study(suite, options)
+    missing = [] if suite.search else failed_keys(study, grid_keys(suite, options))
+    log_table(mode, "tafm", suite.name, f"{suite.name}-results", frame, Path(options.runs_dir) / suite.name)
+    print(f"[{suite.name}] {len(frame)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
+    if missing:
+        print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {3} times or still running elsewhere): "
+              f"{', '.join(missing)}; rerun to retry")
+    command = sync_command(Path(options.runs_dir) / suite.name)
+    if command and mode == "offline":
+        print(f"[{suite.name}] upload the W&B runs with: {command}")
+    return 1 if missing and options.max_trials is None else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from ablations.harness import grid_keys, open_study, records_frame
+    from ablations.suite import load_suite
+
+    suite = load_suite(args.suite)
+    options = _run_options(args)
+    study = open_study(suite, options)
+    states = Counter(t.state.name for t in study.get_trials(deepcopy=False) if "key" in t.user_attrs)
+    total = suite.search["trials"] if suite.search else len(grid_keys(suite, options))
+    done = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
+    print(f"{suite.name} ({options.profile}): {done}/{total} done; " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())))
+    frame = records_frame(study)
+    if len(frame):
+        columns = [c for c in frame.columns if c.startswith("axis.")] + ["value", "wall_time_s"]
+        print(frame[["key", *columns]].to_string(index=False))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ablations.suite import available_suites, load_suite
+    from reports.tables import ReportError, write_index, write_report
+
+    if not args.all and not args.suite:
+        raise ValueError("tafm report: name a SUITE or pass --all")
+    names = available_suites() if args.all else [args.suite]
+    out_dir = Path(args.out_dir)
+    written = []
+    for name in names:
+        suite = load_suite(name)
+        try:
+            path = write_report(suite.name, suite.table, suite.description, Path(args.runs_dir), out_dir)
+        except ReportError as error:
+            if not args.all:
+                raise
+            print(f"skipped {name}: {error}")
+            continue
+        written.append((suite.name, suite.description, path))
+        print(f"wrote {path}")
+    if args.all:
+        print(f"wrote {write_index(written, out_dir)}")
+    return 0
+
+
+def _suite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", help="a suite name (tafm suites) or a suite YAML path")
+    parser.add_argument("--runs-dir", default="runs", help="where studies, records and checkpoints go (default: runs)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (default sqlite:///runs/<suite>/optuna.db); postgresql://... lets "
+                             "workers on many machines share one study")
+    parser.add_argument("--profile", default="synthetic", choices=["synthetic", "vid"],
+                        help="synthetic benchmark at CPU scale (default) or ImageNet VID at the paper's settings")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--max-trials", type=int, default=None, help="stop this worker after N trials")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tafm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print {params, macs, input_size, components} as JSON")
     cost.add_argument("--table", action="store_true", help="print the paper's cost columns (Tables 3-5) beside ours")
     cost.set_defaults(func=_cmd_cost)
+
+    suites = commands.add_parser("suites", help="list the ablation suites")
+    suites.set_defaults(func=_cmd_suites)
+
+    run = commands.add_parser("run", help="run (or resume) an ablation suite")
+    _suite_arguments(run)
+    run.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
+                     help="W&B mode (default: $WANDB_MODE, else offline)")
+    run.add_argument("--data-root", default=None, help="ImageNet VID root (default: the synthetic benchmark)")
+    run.set_defaults(func=_cmd_run)
+
+    status = commands.add_parser("status", help="progress and records of a suite")
+    _suite_arguments(status)
+    status.set_defaults(func=_cmd_status)
+
+    report = commands.add_parser("report", help="regenerate a suite's paper table from its records")
+    report.add_argument("suite", nargs="?", help="suite name")
+    report.add_argument("--all", action="store_true", help="every suite with records, plus an index")
+    report.add_argument("--runs-dir", default="runs", help="where the suites' records are (default: runs)")
+    report.add_argument("--out-dir", default="reports", help="where reports go (default: reports)")
+    report.set_defaults(func=_cmd_report)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -56,8 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep tafm's own progress lines readable: no Lightning banners/tips, no library deprecation noise."""
+    import logging
+    import warnings
+
+    import pytorch_lightning  # noqa: F401  (it sets its own loggers to INFO when imported)
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:

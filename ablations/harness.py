@@ -241,6 +241,7 @@ def records_frame(study: optuna.Study) -> pd.DataFrame:
             continue
         row = {"key": record["key"], "trial": trial.number, "state": trial.state.name, "seed": record["seed"],
                "value": trial.value, "wall_time_s": record["wall_time_s"], "git_commit": record.get("git_commit"),
+               "machine": record.get("machine"),
                "versions": json.dumps(record.get("versions", {}), sort_keys=True)}
         row.update({f"axis.{k}": v for k, v in record["labels"].items()})
         row.update({f"metric.{k}": v for k, v in record["metrics"].items()})

@@ -82,7 +82,8 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
         stage.train.init_checkpoint = str(init) if init else None
         kind = "stage 1 (single-frame SSD)" if init is None else f"stage 2 ({_describe(cfg)})"
         log(f"  training {kind} -> {directory}")
-        result = fit(stage.model, stage.data, stage.train, resume=True)
+        resume = (directory / "checkpoints" / "last.ckpt").is_file()  # an interrupted stage continues
+        result = fit(stage.model, stage.data, stage.train, resume=resume)
         (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))
@@ -117,7 +118,10 @@ def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, lis
 def run_trial(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log=print) -> Dict[str, Any]:
     """The harness's trial function for every suite."""
     cost = count_cost(create_model(cfg.model))
-    metrics: Dict[str, Any] = {"params": cost.params, "macs": cost.macs}
+    recurrent = [c for name, c in cost.components.items() if name.startswith("lstm:")]
+    metrics: Dict[str, Any] = {"params": cost.params, "macs": cost.macs,
+                               "params_recurrent": sum(c["params"] for c in recurrent),
+                               "macs_recurrent": sum(c["macs"] for c in recurrent)}
     search = ctx.suite.search or {}
     if "max_macs" in search and cost.macs > float(search["max_macs"]):
         import optuna

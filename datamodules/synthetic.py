@@ -25,7 +25,7 @@ from datamodules.synthetic_render import (
     MARKERS, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
 from datamodules.vid import VID_CLASSES  # the one class table (id, name, WordNet id)
 
-GENERATOR_VERSION = 1  # bump whenever the output for a given config changes
+GENERATOR_VERSION = 2  # bump whenever the output for a given config changes
 MANIFEST = "tafm_synth.json"
 MINIVAL_WINDOW = 20  # minival takes 20 consecutive frames per val video (reproduction notes, Sec. 4)
 JPEG_KW = {"format": "JPEG", "quality": 92, "subsampling": 0, "optimize": False}
@@ -197,7 +197,8 @@ def _write_video(root: Path, cfg: SynthConfig, split: str, index: int) -> tuple[
 def _write_all(root: Path, cfg: SynthConfig, progress: bool) -> dict:
     """Write both splits and the ImageSets lists into root; returns summary counts."""
     totals = {"boxes": 0, "occluded": 0, "cue_hidden": 0, "empty_frames": 0, "frames": 0}
-    train_lists: dict[str, list[str]] = {name: [] for name in cfg.classes}
+    # every class gets its list file, empty when no snippet has it: the real ImageSets ship all 30
+    train_lists: dict[str, list[str]] = {name: [] for _, name, _ in VID_CLASSES}
     val_lines: list[str] = []
     jobs = [("train", i) for i in range(cfg.videos)] + [("val", i) for i in range(cfg.val_videos)]
     for n, (split, index) in enumerate(jobs):

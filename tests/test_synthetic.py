@@ -108,7 +108,9 @@ def test_image_set_lists(dataset):
     root, cfg = dataset
     sets = root / "ImageSets/VID"
     assert sorted(p.name for p in sets.iterdir()) == sorted(
-        [f"train_{CID[n]}.txt" for n in cfg.classes] + ["val.txt"])
+        [f"train_{i}.txt" for i in range(1, 31)] + ["val.txt"])  # all 30 lists, as the real ImageSets
+    unused = set(range(1, 31)) - {CID[n] for n in cfg.classes}
+    assert all((sets / f"train_{i}.txt").read_text() == "" for i in unused)
     contains = {s: {o.findtext("name") for a in anns for o in a.findall("object")}
                 for s, anns in annotations(root, "train").items()}
     for name in cfg.classes:

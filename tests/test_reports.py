@@ -1,0 +1,80 @@
+"""Reports regenerate the paper's tables from a suite's records only, beside the paper's numbers."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from reports.tables import ReportError, write_index, write_report
+
+
+def _row(kind, alpha, map50, seed=0, after=("conv13",), arch="lstm_ssd", alpha_lstm=None, **metrics):
+    row = {"key": f"{kind}-{alpha}-{alpha_lstm}-s{seed}", "trial": seed, "state": "COMPLETE", "seed": seed,
+           "value": map50, "wall_time_s": 1.0, "git_commit": "abc123", "machine": "test",
+           "config.model.arch": arch, "config.model.alpha": alpha, "config.model.recurrent.type": kind,
+           "config.model.recurrent.after": json.dumps(list(after)), "config.model.alpha_lstm": alpha_lstm,
+           "metric.val/vid_map50": map50, "metric.val/coco_ap50": map50 + 0.01, "metric.params": 3_011_000,
+           "metric.macs": 1_123_000_000, "metric.params_recurrent": 604_928, "metric.macs_recurrent": 60_364_800}
+    row.update({f"metric.{k}": v for k, v in metrics.items()})
+    return row
+
+
+def _write(tmp_path, suite, rows):
+    path = tmp_path / "runs" / suite / "results.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return tmp_path / "runs"
+
+
+def _table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| ---"))]
+
+
+def test_table3_report_rows_paper_values_and_deltas(tmp_path):
+    runs = _write(tmp_path, "table3_recurrent", [
+        _row("bottleneck_lstm", 1.0, 0.500, seed=0), _row("bottleneck_lstm", 1.0, 0.520, seed=1),
+        _row("gru", 0.5, 0.400),
+    ])
+    readme = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports")
+    text = readme.read_text()
+    rows = _table_rows(text)
+    assert len(rows) == 2
+    blstm = next(r for r in rows if "bottleneck_lstm" in r)
+    cells = [c.strip() for c in blstm.strip("|").split("|")]
+    assert cells[1] == "2"  # two seeds
+    assert cells[2] == "51.0 ± 1.4"  # mean +- std of 50.0 and 52.0
+    assert cells[3] == "53.5" and cells[4] == "-2.5"  # paper Table 3 and the delta
+    assert "0.605" in blstm and "| 0.6 |" in blstm and "60.4" in blstm  # recurrent params/MACs vs paper
+    gru = next(r for r in rows if "gru" in r)
+    assert "| 44.5 | -4.5 |" in gru
+    assert "VID mAP@0.5" in text and "abc123" in text and "synthetic" in text
+
+
+def test_occlusion_columns_come_from_records(tmp_path):
+    runs = _write(tmp_path, "table6_occlusion", [
+        _row("bottleneck_lstm", 1.0, 0.5, after=("conv13", "fm1", "fm2", "fm3", "fm4"), **{"occ0.5/vid_map50": 0.40}),
+        _row("none", 1.0, 0.45, after=(), arch="mobilenet_ssd", **{"occ0.5/vid_map50": 0.30}),
+    ])
+    text = write_report("table6_occlusion", "table6", "Table 6", runs, tmp_path / "reports").read_text()
+    assert "mAP p=0.5 (ours)" in text
+    lstm = next(r for r in _table_rows(text) if "lstm_ssd" in r)
+    assert "| 40.0 | 42.4 | -2.4 |" in lstm  # ours, paper Table 6, delta
+    mobile = next(r for r in _table_rows(text) if "mobilenet_ssd" in r)
+    assert "| 30.0 | 33.8 | -3.8 |" in mobile
+
+
+def test_figure4_png_is_written(tmp_path):
+    rows = [_row("bottleneck_lstm", 1.0, m, alpha_lstm=a, seed=0) for a, m in ((0.0625, 0.4), (0.25, 0.5), (1.0, 0.52))]
+    runs = _write(tmp_path, "fig4_lstm_width", rows)
+    readme = write_report("fig4_lstm_width", "fig4", "Figure 4", runs, tmp_path / "reports")
+    png = readme.parent / "fig4.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Figure 4](fig4.png)" in readme.read_text()
+    index = write_index([("fig4_lstm_width", "Figure 4", readme)], tmp_path / "reports")
+    assert "fig4_lstm_width/README.md" in index.read_text()
+
+
+def test_missing_records_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="run `tafm run table2_placement` first"):
+        write_report("table2_placement", "table2", "x", tmp_path, tmp_path / "reports")
