@@ -127,6 +127,46 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ablations.config import load_config
+    from datamodules.vid import CLASS_NAMES
+    from lightning_modules.export import export_model, load_checkpoint
+    from lightning_modules.network import create_model
+
+    if args.checkpoint:
+        net, cfg = load_checkpoint(args.checkpoint)
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)
+        cfg = load_config(args.set).model
+        net = create_model(cfg).eval()
+        print("no CHECKPOINT: exporting a random-init network of the config (fine for latency, not for accuracy)")
+    names = list(CLASS_NAMES) if cfg.num_classes == len(CLASS_NAMES) else None
+    result = export_model((net, cfg), args.out, args.format, parity_frames=args.parity_frames, box_tol=args.box_tol,
+                          score_tol=args.score_tol, class_names=names, check=not args.no_check, seed=args.seed)
+    print(result.format())
+    return 0
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    pin = None if args.no_pin else args.pin_core
+    if args.table7:
+        from ablations.latency_table import table7
+
+        print(table7(args.format, args.out_dir, args.frames, args.warmup, args.threads, pin).format())
+        return 0
+    if not args.model:
+        raise ValueError("tafm latency: name an exported MODEL (.pte or .onnx) or pass --table7")
+    from lightning_modules.export import format_of
+    from lightning_modules.latency import measure_latency, measure_peak
+
+    peak = None if args.no_peak else measure_peak(format_of(args.model), args.threads, pin)
+    result = measure_latency(args.model, args.frames, args.warmup, args.threads, pin, peak)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.format())
+    return 0
+
+
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="a suite name (tafm suites) or a suite YAML path")
     parser.add_argument("--runs-dir", default="runs", help="where studies, records and checkpoints go (default: runs)")
@@ -171,6 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--runs-dir", default="runs", help="where the suites' records are (default: runs)")
     report.add_argument("--out-dir", default="reports", help="where reports go (default: reports)")
     report.set_defaults(func=_cmd_report)
+
+    export = commands.add_parser("export", help="export a one-frame stateful model (ExecuTorch .pte or ONNX) with a parity check")
+    export.add_argument("checkpoint", nargs="?", help="a training checkpoint (.ckpt) or a plain tafm checkpoint; "
+                                                      "omit to export a random-init network of --set")
+    export.add_argument("--out", required=True, help="output file (.pte or .onnx); a .json sidecar is written beside it")
+    export.add_argument("--format", choices=["executorch", "onnx"], default="executorch")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config without CHECKPOINT")
+    export.add_argument("--parity-frames", type=int, default=20, help="frames of the eager-vs-exported parity clip")
+    export.add_argument("--box-tol", type=float, default=1e-3)
+    export.add_argument("--score-tol", type=float, default=1e-3)
+    export.add_argument("--no-check", action="store_true", help="skip the parity check")
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(func=_cmd_export)
+
+    latency = commands.add_parser("latency", help="single-thread latency of an exported model, or paper Table 7")
+    latency.add_argument("model", nargs="?", help="an exported .pte or .onnx (from tafm export)")
+    latency.add_argument("--table7", action="store_true", help="export and time paper Table 7's models")
+    latency.add_argument("--format", choices=["executorch", "onnx"], default="executorch", help="runtime for --table7")
+    latency.add_argument("--out-dir", default=None, help="keep --table7's exported models here")
+    latency.add_argument("--frames", type=int, default=200, help="timed frames (default 200)")
+    latency.add_argument("--warmup", type=int, default=20)
+    latency.add_argument("--threads", type=int, default=1)
+    latency.add_argument("--pin-core", type=int, default=0, help="core to pin to (default 0)")
+    latency.add_argument("--no-pin", action="store_true")
+    latency.add_argument("--no-peak", action="store_true", help="skip the single-core peak (roofline) measurement")
+    latency.add_argument("--json", action="store_true")
+    latency.set_defaults(func=_cmd_latency)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -21,6 +21,8 @@ class SweepConfig:
 
     stage1_max_steps: Optional[int] = None  # stage-1 length; None: train.max_steps
     stage1_lr: Optional[float] = None  # None: train.lr
+    stage1_clip_length: Optional[int] = None  # single-frame stage: short clips, more videos per step; None: data.clip_length
+    stage1_batch_size: Optional[int] = None  # None: data.batch_size
     progressive: bool = True  # stacked/multi-LSTM trials finetune from the trial with one layer fewer (paper Sec. 4.2)
     latency: bool = False  # also export and time the trained model (paper Table 7)
     latency_frames: int = 200

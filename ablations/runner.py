@@ -60,6 +60,10 @@ def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
         parent.train.max_steps = cfg.sweep.stage1_max_steps
     if cfg.sweep.stage1_lr is not None:
         parent.train.lr = cfg.sweep.stage1_lr
+    if cfg.sweep.stage1_clip_length is not None:
+        parent.data.clip_length = cfg.sweep.stage1_clip_length
+    if cfg.sweep.stage1_batch_size is not None:
+        parent.data.batch_size = cfg.sweep.stage1_batch_size
     return parent
 
 

@@ -1,0 +1,79 @@
+"""Every suite file is valid; `smoke` runs end to end through the CLI, as a user runs a suite."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ablations.cli import main
+from ablations.harness import RunOptions, open_study
+from ablations.suite import PROFILES, available_suites, load_suite
+from ablations.tracking import read_offline_run
+
+EXPECTED = {"table2_placement", "table3_recurrent", "fig4_lstm_width", "table4_multi_lstm", "table5_comparison",
+            "table6_occlusion", "table7_latency", "search_alpha_lstm", "smoke", "quick"}
+
+
+def test_every_paper_table_has_a_suite():
+    assert EXPECTED <= set(available_suites())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_suite_is_valid_in_both_profiles(name):
+    suite = load_suite(name)  # validates every grid point's keys against the structured config
+    assert suite.description and suite.table and suite.metric
+    assert suite.search or suite.points
+    for profile in PROFILES:
+        suite.delta(profile)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("smoke") / "runs"
+    assert main(["run", "smoke", "--runs-dir", str(runs), "--wandb", "offline"]) == 0
+    return runs
+
+
+def test_smoke_records_are_complete_and_match_the_study(smoke_run):
+    frame = pd.read_csv(smoke_run / "smoke" / "results.csv")
+    assert len(frame) == 2 and set(frame["state"]) == {"COMPLETE"}
+    study = open_study(load_suite("smoke"), RunOptions(runs_dir=smoke_run))
+    values = {t.user_attrs["key"]: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    for _, row in frame.iterrows():
+        assert row["value"] == values[row["key"]] == row["metric.val/vid_map50"]
+        assert 0.0 <= row["metric.val/vid_map50"] <= 1.0 and row["metric.params"] > 0 and row["metric.macs"] > 0
+        assert "metric.occ0.5/vid_map50" in row and row["git_commit"] and json.loads(row["versions"])["torch"]
+    kinds = set(frame["config.model.recurrent.type"])
+    assert kinds == {"none", "bottleneck_lstm"}
+
+
+def test_smoke_shares_one_stage1_checkpoint(smoke_run):
+    stages = [p for p in (smoke_run / "_stages").iterdir() if p.is_dir()]
+    assert len(stages) == 2  # the single-frame SSD (trained once, reused by the LSTM trial) and the LSTM stage
+    configs = [json.loads((p / "config.json").read_text()) for p in stages]
+    assert sorted(c["model.recurrent.type"] for c in configs) == ["bottleneck_lstm", "none"]
+    stage2 = next(c for c in configs if c["model.recurrent.type"] == "bottleneck_lstm")
+    assert stage2["train.init_checkpoint"].startswith(str(smoke_run / "_stages"))
+
+
+def test_smoke_wandb_offline_runs_hold_config_and_summary(smoke_run):
+    runs = [read_offline_run(p) for p in sorted((smoke_run / "smoke" / "wandb").glob("offline-run-*"))]
+    trials = [r for r in runs if r["job_type"] in ("stage1", "stage2")]
+    assert len(trials) == 2 and {r["group"] for r in trials} == {"smoke"}
+    for run in trials:
+        assert "model.recurrent.type" in run["config"] and "val/vid_map50" in run["summary"]
+        assert any(tag.startswith("model.recurrent.type=") for tag in run["tags"])
+
+
+def test_rerun_skips_finished_trials_and_status_and_report_work(smoke_run, capsys, tmp_path):
+    before = sorted(p.stat().st_mtime for p in (smoke_run / "_stages").glob("*/done.json"))
+    assert main(["run", "smoke", "--runs-dir", str(smoke_run), "--wandb", "disabled"]) == 0
+    assert sorted(p.stat().st_mtime for p in (smoke_run / "_stages").glob("*/done.json")) == before
+    assert len(pd.read_csv(smoke_run / "smoke" / "results.csv")) == 2
+    capsys.readouterr()
+    assert main(["status", "smoke", "--runs-dir", str(smoke_run)]) == 0
+    assert "2/2 done" in capsys.readouterr().out
+    assert main(["report", "smoke", "--runs-dir", str(smoke_run), "--out-dir", str(tmp_path)]) == 0
+    report = (tmp_path / "smoke" / "README.md").read_text()
+    assert "bottleneck_lstm" in report and "| 42.8 |" not in report  # alpha 0.25: no paper cell to compare
