@@ -83,14 +83,15 @@ def open_study(suite: Suite, options: RunOptions) -> optuna.Study:
     kwargs = {} if url.startswith("sqlite") else {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
     sampler = optuna.samplers.TPESampler(seed=0) if suite.search else None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if suite.search else optuna.pruners.NopPruner()
-    with _file_lock(suite_dir(suite, options) / "create.lock"):
+    with file_lock(suite_dir(suite, options) / "create.lock"):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
         return optuna.create_study(study_name=study_name(suite, options), storage=storage, load_if_exists=True,
                                    direction=suite.direction, sampler=sampler, pruner=pruner)
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on `path` (created) for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -112,14 +113,16 @@ def study_lock(suite: Suite, options: RunOptions, study: optuna.Study) -> Iterat
         from sqlalchemy import text
 
         key = int.from_bytes(study_name(suite, options).encode()[:8].ljust(8, b"\0"), "big") & 0x7FFFFFFFFFFFFFFF
-        with study._storage.engine.connect() as connection:  # type: ignore[attr-defined]
+        storage = study._storage  # optuna wraps the RDBStorage in a cache: the engine is on the backend
+        engine = getattr(storage, "engine", None) or storage._backend.engine  # type: ignore[attr-defined]
+        with engine.connect() as connection:
             connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
                 yield
             finally:
                 connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         return
-    with _file_lock(suite_dir(suite, options) / f"{study_name(suite, options)}.lock"):
+    with file_lock(suite_dir(suite, options) / f"{study_name(suite, options)}.lock"):
         yield
 
 
@@ -285,12 +288,19 @@ def run_grid(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: 
         cfg = make_config({**overrides, "seed": seed})
         run_dir = suite_dir(suite, options) / "trials" / key
         ctx = TrialContext(suite, key, point, seed, point.labels, run_dir, trial, options)
-        log(f"[{suite.name}] trial {key} {point.labels} seed {seed}: starting ({suite_progress(study, len(keys), durations)})")
-        durations.append(_run_one(study, trial, ctx, cfg, trial_fn))
+        _run_and_record(study, trial, ctx, cfg, trial_fn, durations, len(keys), results, log)
         finished += 1
-        write_records(study, results)
-        log(f"[{suite.name}] {suite_progress(study, len(keys), durations)}")
     return write_records(study, results)
+
+
+def _run_and_record(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn,
+                    durations: List[float], total: int, results: Path, log: Callable[[str], None]) -> None:
+    """Run one claimed trial, then rewrite the records and report suite progress."""
+    log(f"[{ctx.suite.name}] trial {ctx.key} {ctx.labels} seed {ctx.seed}: starting "
+        f"({suite_progress(study, total, durations)})")
+    durations.append(_run_one(study, trial, ctx, cfg, trial_fn))
+    write_records(study, results)
+    log(f"[{ctx.suite.name}] {suite_progress(study, total, durations)}")
 
 
 def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
@@ -334,9 +344,6 @@ def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config
         labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
         cfg = make_config({**suite.delta(options.profile, params), "seed": 0})
         ctx = TrialContext(suite, key, None, 0, labels, suite_dir(suite, options) / "trials" / key, trial, options)
-        log(f"[{suite.name}] trial {key} {labels}: starting ({suite_progress(study, total, durations)})")
-        durations.append(_run_one(study, trial, ctx, cfg, trial_fn))
+        _run_and_record(study, trial, ctx, cfg, trial_fn, durations, total, results, log)
         finished += 1
-        write_records(study, results)
-        log(f"[{suite.name}] {suite_progress(study, total, durations)}")
     return write_records(study, results)

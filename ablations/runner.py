@@ -8,7 +8,6 @@ and Table 4's stacked placements finetune from the trial with one layer fewer (p
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ablations.config import TafmConfig, to_flat_dict
-from ablations.harness import TrialContext
+from ablations.harness import TrialContext, file_lock
 from ablations.tracking import TrialRun
 from lightning_modules.config import RecurrentType
 from lightning_modules.cost import count_cost
@@ -35,13 +34,6 @@ _NOT_TRAINING = ("data.occlusion_p", "data.occlusion_seed", "data.eval_protocol"
 def stage_hash(cfg: TafmConfig) -> str:
     flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in _NOT_TRAINING}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "w")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle
 
 
 def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
@@ -77,8 +69,7 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
         return Path(json.loads(done.read_text())["checkpoint"])
     parent = _parent(cfg)
     init = trained_stage(parent, runs_dir, log) if parent is not None else None
-    handle = _lock(directory.with_suffix(".lock"))
-    try:
+    with file_lock(directory.with_suffix(".lock")):
         if done.is_file():  # another worker trained it while we waited
             return Path(json.loads(done.read_text())["checkpoint"])
         stage = copy.deepcopy(cfg)
@@ -93,9 +84,6 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
         tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))
         os.replace(tmp, done)
         return result.checkpoint
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def _describe(cfg: TafmConfig) -> str:

@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--kill-at", default=None)
     parser.add_argument("--fail-once-at", default=None)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--storage", default=None)
     args = parser.parse_args()
     marker = Path(args.runs) / "failed-once"
 
@@ -40,7 +41,7 @@ def main() -> None:
         seed = delta.pop("seed")
         return load_config([f"data.seed={seed}"], delta=_nest(delta))
 
-    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs)), trial_fn, make_config, log=lambda s: None)
+    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs), storage=args.storage), trial_fn, make_config, log=lambda s: None)
 
 
 if __name__ == "__main__":
