@@ -76,10 +76,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if missing:
         print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {3} times or still running elsewhere): "
               f"{', '.join(missing)}; rerun to retry")
+    _run_extras(suite, Path(options.runs_dir))
+    _cmd_report(argparse.Namespace(suite=suite.name, all=False, runs_dir=str(options.runs_dir),
+                                   out_dir=args.report_dir, wandb=mode))
     command = sync_command(Path(options.runs_dir) / suite.name)
     if command and mode == "offline":
         print(f"[{suite.name}] upload the W&B runs with: {command}")
     return 1 if missing and options.max_trials is None else 0
+
+
+def _run_extras(suite, runs_dir: Path) -> None:
+    """The suite's extra measurements, saved as markdown beside its records for the report."""
+    folder = runs_dir / suite.name / "extras"
+    folder.mkdir(parents=True, exist_ok=True)
+    if suite.extras.get("cost_tables"):
+        from ablations.cost_table import cost_tables
+
+        print(f"[{suite.name}] counting parameters and MACs for paper Tables 3-5 (fvcore)")
+        (folder / "1_cost_tables.md").write_text("## Costs (paper Tables 3-5)\n\n" + cost_tables() + "\n")
+    if suite.extras.get("table7"):
+        from ablations.latency_table import table7
+
+        fmt = suite.extras["table7"]
+        print(f"[{suite.name}] exporting and timing paper Table 7's models ({fmt}, 1 thread, pinned)")
+        (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt).format() + "\n")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -104,8 +124,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ablations.suite import available_suites, load_suite
-    from reports.tables import ReportError, write_index, write_report
+    from ablations.tracking import log_table, resolve_mode
+    from reports.tables import ReportError, load_records, write_index, write_report
 
+    mode = resolve_mode(args.wandb)
     if not args.all and not args.suite:
         raise ValueError("tafm report: name a SUITE or pass --all")
     names = available_suites() if args.all else [args.suite]
@@ -122,6 +144,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
             continue
         written.append((suite.name, suite.description, path))
         print(f"wrote {path}")
+        images = {"figure4": path.parent / "fig4.png"} if (path.parent / "fig4.png").is_file() else {}
+        log_table(mode, "tafm", suite.name, f"{suite.name}-report", load_records(Path(args.runs_dir), suite.name),
+                  Path(args.runs_dir) / suite.name, images)
     if args.all:
         print(f"wrote {write_index(written, out_dir)}")
     return 0
@@ -199,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
                      help="W&B mode (default: $WANDB_MODE, else offline)")
     run.add_argument("--data-root", default=None, help="ImageNet VID root (default: the synthetic benchmark)")
+    run.add_argument("--report-dir", default="reports", help="where the suite's report is written (default: reports)")
     run.set_defaults(func=_cmd_run)
 
     status = commands.add_parser("status", help="progress and records of a suite")
@@ -210,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--all", action="store_true", help="every suite with records, plus an index")
     report.add_argument("--runs-dir", default="runs", help="where the suites' records are (default: runs)")
     report.add_argument("--out-dir", default="reports", help="where reports go (default: reports)")
+    report.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
+                        help="also log the table (and plots) to W&B (default: $WANDB_MODE, else offline)")
     report.set_defaults(func=_cmd_report)
 
     export = commands.add_parser("export", help="export a one-frame stateful model (ExecuTorch .pte or ONNX) with a parity check")

@@ -17,6 +17,7 @@ A suite file:
       space: {model.alpha_lstm: {low: 0.05, high: 0.5, log: true}, model.recurrent.after: {choices: [...]}}
       max_macs: 1.2e9             # constraint: configurations above the budget are not trained
     evaluate: {occlusion_p: [0.25, 0.5, 0.75]}  # extra evaluations of each trained model
+    extras: {cost_tables: true, table7: onnx}    # also regenerate Tables 3-5 costs and Table 7 latency
     profiles:                     # scale switch: synthetic (default) or vid (the paper's settings); wins over grid
       synthetic: {...}
       vid: {...}
@@ -35,7 +36,9 @@ import yaml
 
 from ablations.config import ConfigError, load_config
 
-SUITE_KEYS = {"description", "table", "metric", "direction", "base", "grid", "search", "evaluate", "profiles", "seeds"}
+SUITE_KEYS = {"description", "table", "metric", "direction", "base", "grid", "search", "evaluate", "profiles", "seeds",
+              "extras"}
+EXTRAS = ("cost_tables", "table7")  # appended to the suite's report: tafm cost --table, tafm latency --table7
 PROFILES = ("synthetic", "vid")
 
 
@@ -61,6 +64,7 @@ class Suite:
     evaluate: Dict[str, List[Any]]
     profiles: Dict[str, Dict[str, Any]]
     seeds: int = 1
+    extras: Dict[str, Any] = field(default_factory=dict)
     source: str = ""
     points: List[TrialPoint] = field(default_factory=list)
 
@@ -162,7 +166,10 @@ def load_suite(name_or_path: str) -> Suite:
     suite = Suite(name=path.stem, description=raw["description"], table=raw["table"], metric=raw["metric"],
                   direction=direction, base=raw.get("base", {}) or {}, grid=grid, search=raw.get("search"),
                   evaluate=raw.get("evaluate", {}) or {}, profiles=profiles, seeds=int(raw.get("seeds", 1)),
-                  source=str(path))
+                  extras=raw.get("extras", {}) or {}, source=str(path))
+    for key in suite.extras:
+        if key not in EXTRAS:
+            raise ConfigError(f"{path}: unknown extra {key!r}; valid: {', '.join(EXTRAS)}")
     suite.points = _expand_grid(grid)
     for profile in PROFILES:
         _check_keys(f"profile {profile}", suite.delta(profile), str(path))

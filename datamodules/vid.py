@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import sys
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, fields
@@ -436,14 +437,15 @@ def read_vid(root: Path | str, split: str = "train", strict: bool = False,
         snippets = _snippets_from_lists(lists, split)
     videos: list[Video] = []
     names = sorted(snippets)
-    every = max(1, len(names) // 20)
+    last_print = time.monotonic()
     for i, name in enumerate(names, start=1):
         video = _read_snippet(root, split, name, snippets[name], rep)
         if video is not None:
             videos.append(video)
             summary.frames += len(video.frames)
             summary.boxes += sum(len(f.labels) for f in video.frames)
-        if progress and (i % every == 0 or i == len(names)):
+        if progress and (i == len(names) or time.monotonic() - last_print > 2.0):  # a line every 2 s, then done
+            last_print = time.monotonic()
             print(f"read_vid({split}): {i}/{len(names)} videos, {summary.frames} frames",
                   file=sys.stderr, flush=True)
     summary.videos = len(videos)

@@ -175,14 +175,18 @@ def _provenance(frame: pd.DataFrame) -> List[str]:
 
 
 def write_report(suite: str, table: str, description: str, runs_dir: Path, out_dir: Path) -> Path:
-    """Write reports/<suite>/README.md (and fig4.png for Figure 4); returns the README path."""
+    """Write reports/<suite>/README.md (and fig4.png for Figure 4); returns the README path. Sections the
+    run measured besides the trials (runs/<suite>/extras/*.md: cost tables, Table 7) are appended."""
     frame = load_records(runs_dir, suite)
     lines = [f"# {suite}: {description}", ""]
     target = Path(out_dir) / suite
     if table == "fig4":
         figure4(frame, target / "fig4.png")
         lines += ["![Figure 4](fig4.png)", ""]
-    lines += suite_table(table, frame) + ["", "## Provenance", ""] + _provenance(frame)
+    lines += suite_table(table, frame)
+    for extra in sorted((Path(runs_dir) / suite / "extras").glob("*.md")):
+        lines += ["", extra.read_text().rstrip()]
+    lines += ["", "## Provenance", ""] + _provenance(frame)
     target.mkdir(parents=True, exist_ok=True)
     readme = target / "README.md"
     readme.write_text("\n".join(lines) + "\n")

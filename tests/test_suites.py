@@ -31,7 +31,9 @@ def test_suite_is_valid_in_both_profiles(name):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("smoke") / "runs"
-    assert main(["run", "smoke", "--runs-dir", str(runs), "--wandb", "offline"]) == 0
+    reports = runs.parent / "reports"
+    assert main(["run", "smoke", "--runs-dir", str(runs), "--wandb", "offline", "--report-dir", str(reports)]) == 0
+    assert "bottleneck_lstm" in (reports / "smoke" / "README.md").read_text()  # the run writes its report
     return runs
 
 
@@ -60,6 +62,7 @@ def test_smoke_shares_one_stage1_checkpoint(smoke_run):
 def test_smoke_wandb_offline_runs_hold_config_and_summary(smoke_run):
     runs = [read_offline_run(p) for p in sorted((smoke_run / "smoke" / "wandb").glob("offline-run-*"))]
     trials = [r for r in runs if r["job_type"] in ("stage1", "stage2")]
+    assert any(r["job_type"] == "report" for r in runs)  # the suite's table, as a wandb.Table
     assert len(trials) == 2 and {r["group"] for r in trials} == {"smoke"}
     for run in trials:
         assert "model.recurrent.type" in run["config"] and "val/vid_map50" in run["summary"]
@@ -68,12 +71,12 @@ def test_smoke_wandb_offline_runs_hold_config_and_summary(smoke_run):
 
 def test_rerun_skips_finished_trials_and_status_and_report_work(smoke_run, capsys, tmp_path):
     before = sorted(p.stat().st_mtime for p in (smoke_run / "_stages").glob("*/done.json"))
-    assert main(["run", "smoke", "--runs-dir", str(smoke_run), "--wandb", "disabled"]) == 0
+    assert main(["run", "smoke", "--runs-dir", str(smoke_run), "--wandb", "disabled", "--report-dir", str(tmp_path)]) == 0
     assert sorted(p.stat().st_mtime for p in (smoke_run / "_stages").glob("*/done.json")) == before
     assert len(pd.read_csv(smoke_run / "smoke" / "results.csv")) == 2
     capsys.readouterr()
     assert main(["status", "smoke", "--runs-dir", str(smoke_run)]) == 0
     assert "2/2 done" in capsys.readouterr().out
-    assert main(["report", "smoke", "--runs-dir", str(smoke_run), "--out-dir", str(tmp_path)]) == 0
+    assert main(["report", "smoke", "--runs-dir", str(smoke_run), "--out-dir", str(tmp_path), "--wandb", "disabled"]) == 0
     report = (tmp_path / "smoke" / "README.md").read_text()
     assert "bottleneck_lstm" in report and "| 42.8 |" not in report  # alpha 0.25: no paper cell to compare
