@@ -36,32 +36,43 @@ def stage_hash(cfg: TafmConfig) -> str:
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def stage1_config(cfg: TafmConfig) -> TafmConfig:
+    """The single-frame SSD of `cfg` (paper Sec. 4.1 stage 1): no recurrent layer, the sweep's stage-1
+    length and clips. A `type=none` trial and every stage-2 trial's parent map to the same config,
+    hence the same cached checkpoint."""
+    single = copy.deepcopy(cfg)
+    single.model.recurrent.type = RecurrentType.none
+    single.model.recurrent.after = []
+    if cfg.sweep.stage1_max_steps is not None:
+        single.train.max_steps = cfg.sweep.stage1_max_steps
+    if cfg.sweep.stage1_lr is not None:
+        single.train.lr = cfg.sweep.stage1_lr
+    if cfg.sweep.stage1_clip_length is not None:
+        single.data.clip_length = cfg.sweep.stage1_clip_length
+    if cfg.sweep.stage1_batch_size is not None:
+        single.data.batch_size = cfg.sweep.stage1_batch_size
+    return single
+
+
 def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
-    """The stage this one starts from: stage 1 (no recurrence), or with progressive training the same
-    model with its last recurrent layer removed."""
+    """The stage this one starts from: stage 1, or with progressive training the same model with its
+    last recurrent layer removed (paper Sec. 4.2); None for stage 1 itself."""
     if cfg.model.recurrent.type == RecurrentType.none:
         return None
-    parent = copy.deepcopy(cfg)
     after = list(cfg.model.recurrent.after)
     if cfg.sweep.progressive and len(after) > 1:
+        parent = copy.deepcopy(cfg)
         parent.model.recurrent.after = after[:-1]
         return parent
-    parent.model.recurrent.type = RecurrentType.none
-    parent.model.recurrent.after = []
-    if cfg.sweep.stage1_max_steps is not None:
-        parent.train.max_steps = cfg.sweep.stage1_max_steps
-    if cfg.sweep.stage1_lr is not None:
-        parent.train.lr = cfg.sweep.stage1_lr
-    if cfg.sweep.stage1_clip_length is not None:
-        parent.data.clip_length = cfg.sweep.stage1_clip_length
-    if cfg.sweep.stage1_batch_size is not None:
-        parent.data.batch_size = cfg.sweep.stage1_batch_size
-    return parent
+    return stage1_config(cfg)
 
 
 def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
     """The checkpoint of `cfg` trained (with its parents), from the cache or trained now; resumable."""
     from lightning_modules.fit import fit
+
+    if cfg.model.recurrent.type == RecurrentType.none:
+        cfg = stage1_config(cfg)
 
     directory = runs_dir / STAGES_DIR / stage_hash(cfg)
     done = directory / DONE
