@@ -54,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ablations.harness import failed_keys, grid_keys, open_study, run_grid, run_search
     from ablations.runner import make_config, run_trial
     from ablations.suite import load_suite
-    from ablations.tracking import log_table, resolve_mode, sync_command
+    from ablations.tracking import resolve_mode, sync_command
 
     suite = load_suite(args.suite)
     mode = resolve_mode(args.wandb)
@@ -71,7 +71,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    lambda delta: make_config(options.overrides, delta))
     study = open_study(suite, options)
     missing = [] if suite.search else failed_keys(study, grid_keys(suite, options))
-    log_table(mode, "tafm", suite.name, f"{suite.name}-results", frame, Path(options.runs_dir) / suite.name)
     print(f"[{suite.name}] {len(frame)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if missing:
         print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {3} times or still running elsewhere): "
