@@ -285,7 +285,7 @@ def _quiet_libraries() -> None:
 
     import pytorch_lightning  # noqa: F401  (it sets its own loggers to INFO when imported)
 
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*treespec.*")

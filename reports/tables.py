@@ -169,7 +169,8 @@ def _provenance(frame: pd.DataFrame) -> List[str]:
     seeds = sorted({int(s) for s in frame["seed"]})
     return [f"- Metric: {METRIC_NAME}; COCO AP@0.5 as a second column.",
             f"- Dataset: {dataset}. The paper's numbers are ImageNet VID minival: on the synthetic benchmark the "
-            "absolute values are not comparable, the ordering between rows is what is reproduced.",
+            "absolute values are not comparable; compare the ordering of the rows with the paper's (whether it "
+            "matches is a finding of this run, not a given).",
             f"- Seeds: {seeds}; trials: {len(frame)}; commit: {commits}; machine: {machines}.",
             f"- Generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the suite's records."]
 
