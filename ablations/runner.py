@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 
 from ablations.config import TafmConfig, to_flat_dict
 from ablations.harness import TrialContext, file_lock
+from ablations.progress import TrainProgress
 from ablations.tracking import TrialRun
 from lightning_modules.config import RecurrentType
 from lightning_modules.cost import count_cost
@@ -89,7 +90,7 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
         kind = "stage 1 (single-frame SSD)" if init is None else f"stage 2 ({_describe(cfg)})"
         log(f"  training {kind} -> {directory}")
         resume = (directory / "checkpoints" / "last.ckpt").is_file()  # an interrupted stage continues
-        result = fit(stage.model, stage.data, stage.train, resume=resume)
+        result = fit(stage.model, stage.data, stage.train, resume=resume, callbacks=[TrainProgress(log=log)])
         (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))

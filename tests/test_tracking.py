@@ -79,3 +79,16 @@ def test_pruning_callback_stops_a_hopeless_trial():
     with pytest.raises(optuna.TrialPruned):
         _fit(hopeless, 0.1)
     assert hopeless.number in [t.number for t in study.trials]
+
+
+def test_training_progress_reports_steps_rate_and_eta():
+    from ablations.progress import TrainProgress
+
+    lines = []
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=2)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[TrainProgress(every_s=0.0, log=lines.append)])
+    trainer.fit(_Constant(0.5), data)
+    assert lines[-1].startswith("    step 3/3:") and "steps/s" in lines[-1] and "ETA 0s" in lines[-1]
+    assert len(lines) == 3
