@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 class TrainProgress(pl.Callback):
     def __init__(self, every_s: float = 15.0, log: Callable[[str], None] = print):
         self.every_s = every_s
-        self.log = log
+        self.say = log  # not `self.log`: that name is taken on Lightning objects
         self._start = self._last = 0.0
         self._first_step = 0
 
@@ -29,4 +29,4 @@ class TrainProgress(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         eta = (total - step) / rate if rate > 0 else float("nan")
         loss_text = f"loss {float(loss):.2f}, " if loss is not None else ""
-        self.log(f"    step {step}/{total}: {loss_text}{rate:.1f} steps/s, ETA {eta:.0f}s")
+        self.say(f"    step {step}/{total}: {loss_text}{rate:.1f} steps/s, ETA {eta:.0f}s")
