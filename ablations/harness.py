@@ -182,7 +182,15 @@ def _claim(study: optuna.Study) -> Optional[optuna.trial.Trial]:
         trial.set_user_attr("discarded", True)
         study.tell(trial, state=TrialState.FAIL)
         return None
+    _own(trial)
     return trial
+
+
+def _own(trial: optuna.trial.Trial) -> None:
+    """Record which worker holds a RUNNING trial, at once: a worker that dies at any point after the
+    claim is then found by `recover_dead_trials` and its key retried."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
 
 
 def _format_eta(seconds: float) -> str:
@@ -200,8 +208,6 @@ def suite_progress(study: optuna.Study, total: int, durations: List[float]) -> s
 
 
 def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn) -> float:
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("pid", os.getpid())
     start = time.time()
     try:
         result = trial_fn(cfg, ctx)
@@ -340,6 +346,7 @@ def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config
             trial = study.ask()
             key = f"search-{trial.number:04d}"
             trial.set_user_attr("key", key)
+            _own(trial)
         params = _suggest(trial, suite.search["space"])
         labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
         cfg = make_config({**suite.delta(options.profile, params), "seed": 0})
