@@ -51,7 +51,7 @@ def _run_options(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ablations.harness import failed_keys, grid_keys, open_study, run_grid, run_search
+    from ablations.harness import MAX_RETRIES, failed_keys, grid_keys, open_study, run_grid, run_search
     from ablations.runner import make_config, run_trial
     from ablations.suite import load_suite
     from ablations.tracking import resolve_mode, sync_command
@@ -73,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     missing = [] if suite.search else failed_keys(study, grid_keys(suite, options))
     print(f"[{suite.name}] {len(frame)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if missing:
-        print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {3} times or still running elsewhere): "
+        print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {MAX_RETRIES} times or still running elsewhere): "
               f"{', '.join(missing)}; rerun to retry")
     _run_extras(suite, Path(options.runs_dir))
     _cmd_report(argparse.Namespace(suite=suite.name, all=False, runs_dir=str(options.runs_dir),
@@ -283,9 +283,10 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    import pytorch_lightning  # noqa: F401  (it sets its own loggers to INFO when imported)
-
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "torch.onnx"):
+    # child loggers: importing pytorch_lightning resets its top logger to INFO, but not these, so
+    # nothing needs importing here (that import alone costs seconds on commands that never train)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*treespec.*")

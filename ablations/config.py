@@ -10,9 +10,9 @@ from typing import Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from datamodules.clips import DataConfig
+from datamodules.data_config import DataConfig
 from lightning_modules.config import ModelConfig, validate_model
-from lightning_modules.training import TrainConfig
+from lightning_modules.train_config import TrainConfig
 
 
 @dataclass

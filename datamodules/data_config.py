@@ -1,0 +1,59 @@
+"""The data group of the config (`data.*`): every data default, light to import (no Lightning)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from datamodules.transforms import AugmentConfig
+from datamodules.vid import SPLITS
+
+
+class EvalProtocol(Enum):
+    """Which val frames are evaluated."""
+
+    minival = "minival"  # one random window of minival_frames per video (paper's protocol)
+    full = "full"  # every frame of every val video
+
+
+@dataclass
+class DataConfig:
+    """Data options (the `data` group of the structured config)."""
+
+    root: Optional[str] = None  # None = synthetic benchmark (resolved by the caller)
+    train_split: str = "train"
+    val_split: str = "val"
+    clip_length: int = 10  # frames unrolled per training clip; also eval chunk length
+    frame_stride: int = 1  # training: take every frame_stride-th frame
+    eval_protocol: EvalProtocol = EvalProtocol.minival
+    minival_frames: int = 20
+    batch_size: int = 4  # training clips per batch (eval always streams B = 1)
+    num_workers: int = 0  # training DataLoader workers (eval uses at most 1, to keep order)
+    seed: int = 0  # training shuffle/augmentation and minival windows
+    occlusion_p: float = 0.0  # eval-only occlusion probability per gt box (paper Table 6)
+    occlusion_seed: int = 0
+    strict: bool = False  # raise on the first bad file instead of skipping it
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache_dir: Optional[str] = None  # where read_vid pickles the parsed index
+    max_train_videos: Optional[int] = None  # first N videos by name (small runs)
+    max_val_videos: Optional[int] = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid key and what is valid."""
+        for key in ("clip_length", "frame_stride", "minival_frames", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for key in ("train_split", "val_split"):
+            if getattr(self, key) not in SPLITS:
+                raise ValueError(f"data.{key} must be one of {SPLITS}, got {getattr(self, key)!r}")
+        if not isinstance(self.eval_protocol, EvalProtocol):
+            raise ValueError(f"data.eval_protocol must be one of "
+                             f"{[p.value for p in EvalProtocol]}, got {self.eval_protocol!r}")
+        if not 0.0 <= self.occlusion_p <= 1.0:
+            raise ValueError(f"data.occlusion_p must be in [0, 1], got {self.occlusion_p}")
+        for key in ("max_train_videos", "max_val_videos"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be None or >= 1, got {getattr(self, key)}")
+        self.augment.validate("data.augment")
