@@ -83,10 +83,47 @@ def open_study(suite: Suite, options: RunOptions) -> optuna.Study:
     kwargs = {} if url.startswith("sqlite") else {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
     sampler = optuna.samplers.TPESampler(seed=0) if suite.search else None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if suite.search else optuna.pruners.NopPruner()
-    with file_lock(suite_dir(suite, options) / "create.lock"):
+    with file_lock(suite_dir(suite, options) / "create.lock"), _server_creation_lock(url):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
         return optuna.create_study(study_name=study_name(suite, options), storage=storage, load_if_exists=True,
                                    direction=suite.direction, sampler=sampler, pruner=pruner)
+
+
+# Any fixed 63-bit number: the advisory lock that serialises schema creation on a PostgreSQL server.
+_SCHEMA_LOCK_KEY = 0x7461666D_736368  # "tafmsch"
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: Any, key: int) -> Iterator[None]:
+    """A PostgreSQL session-level advisory lock, held on one connection for the duration of the block."""
+    from sqlalchemy import text
+
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+
+@contextlib.contextmanager
+def _server_creation_lock(url: str) -> Iterator[None]:
+    """Workers on other machines share no file lock: on PostgreSQL, take a server-side one.
+
+    Without it two workers starting at once on a fresh database both run Optuna's CREATE TYPE /
+    CREATE TABLE, and the loser dies with a UniqueViolation on ``studydirection``.
+    """
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with _advisory_lock(engine, _SCHEMA_LOCK_KEY):
+            yield
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -110,17 +147,11 @@ def study_lock(suite: Suite, options: RunOptions, study: optuna.Study) -> Iterat
     """Serialise enqueueing across workers: a file lock for SQLite, an advisory lock for PostgreSQL."""
     url = storage_url(suite, options)
     if url.startswith("postgresql"):
-        from sqlalchemy import text
-
         key = int.from_bytes(study_name(suite, options).encode()[:8].ljust(8, b"\0"), "big") & 0x7FFFFFFFFFFFFFFF
         storage = study._storage  # optuna wraps the RDBStorage in a cache: the engine is on the backend
         engine = getattr(storage, "engine", None) or storage._backend.engine  # type: ignore[attr-defined]
-        with engine.connect() as connection:
-            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        with _advisory_lock(engine, key):
+            yield
         return
     with file_lock(suite_dir(suite, options) / f"{study_name(suite, options)}.lock"):
         yield

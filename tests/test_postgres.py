@@ -61,8 +61,9 @@ def postgres():
         connection = psycopg2.connect(host="127.0.0.1", port=port, user="tafm", dbname="postgres")
         connection.autocommit = True
         connection.cursor().execute("CREATE DATABASE optuna")
+        connection.cursor().execute("CREATE DATABASE fresh")
         connection.close()
-        yield f"postgresql+psycopg2://tafm@127.0.0.1:{port}/optuna"
+        yield f"postgresql+psycopg2://tafm@127.0.0.1:{port}/"
     finally:
         subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
@@ -74,7 +75,7 @@ def test_two_workers_share_one_postgresql_study(postgres, tmp_path):
     procs = []
     for worker in range(2):  # as if on two machines: separate runs folders, one shared study
         runs = tmp_path / f"machine{worker}"
-        cmd = [sys.executable, str(WORKER), str(suite), str(runs), "--sleep", "0.3", "--storage", postgres]
+        cmd = [sys.executable, str(WORKER), str(suite), str(runs), "--sleep", "0.3", "--storage", postgres + "optuna"]
         procs.append((runs, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     calls = []
     for runs, proc in procs:
@@ -84,3 +85,26 @@ def test_two_workers_share_one_postgresql_study(postgres, tmp_path):
         calls += log.read_text().split()[::2] if log.exists() else []
     assert sorted(calls) == sorted(_load_keys(suite)), "each grid point exactly once across both machines"
     assert all((runs / "calls.log").exists() for runs, _ in procs), "both workers took trials"
+
+
+OPEN_AT = """
+import sys, time
+from pathlib import Path
+from ablations.harness import RunOptions, open_study
+from ablations.suite import load_suite
+suite, runs, url, start = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+time.sleep(max(0.0, start - time.time()))
+open_study(load_suite(suite), RunOptions(runs_dir=Path(runs), storage=url))
+"""
+
+
+def test_workers_starting_at_once_on_a_fresh_database_all_get_the_study(postgres, tmp_path):
+    """Optuna creates its schema on first use; machines share no file lock, so the server must serialise it."""
+    suite = tmp_path / "harness_test.yaml"
+    suite.write_text(SUITE)
+    start = time.time() + 10.0  # after every interpreter has imported torch/optuna
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(suite), str(tmp_path / f"machine{i}"), postgres + "fresh",
+                               str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-1500:]
