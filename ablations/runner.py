@@ -44,6 +44,7 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single = copy.deepcopy(cfg)
     single.model.recurrent.type = RecurrentType.none
     single.model.recurrent.after = []
+    single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
     if cfg.sweep.stage1_max_steps is not None:
         single.train.max_steps = cfg.sweep.stage1_max_steps
     if cfg.sweep.stage1_lr is not None:
@@ -55,11 +56,22 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     return single
 
 
+def single_frame_control(cfg: TafmConfig) -> bool:
+    """A `type=none` trial that is finetuned like a stage 2 (sweep.single_frame_stage2)."""
+    return cfg.model.recurrent.type == RecurrentType.none and cfg.sweep.single_frame_stage2
+
+
+def _control_config(cfg: TafmConfig) -> TafmConfig:
+    control = copy.deepcopy(cfg)
+    control.model.recurrent.after = []
+    return control
+
+
 def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
     """The stage this one starts from: stage 1, or with progressive training the same model with its
     last recurrent layer removed (paper Sec. 4.2); None for stage 1 itself."""
     if cfg.model.recurrent.type == RecurrentType.none:
-        return None
+        return stage1_config(cfg) if cfg.sweep.single_frame_stage2 else None
     after = list(cfg.model.recurrent.after)
     if cfg.sweep.progressive and len(after) > 1:
         parent = copy.deepcopy(cfg)
@@ -73,7 +85,7 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
     from lightning_modules.fit import fit
 
     if cfg.model.recurrent.type == RecurrentType.none:
-        cfg = stage1_config(cfg)
+        cfg = _control_config(cfg) if cfg.sweep.single_frame_stage2 else stage1_config(cfg)
 
     directory = runs_dir / STAGES_DIR / stage_hash(cfg)
     done = directory / DONE
@@ -99,6 +111,8 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
 
 
 def _describe(cfg: TafmConfig) -> str:
+    if cfg.model.recurrent.type == RecurrentType.none:
+        return "single-frame SSD finetuned with the base frozen, no recurrent layer"
     return f"{cfg.model.recurrent.type.value} after {'+'.join(cfg.model.recurrent.after)}"
 
 
@@ -132,7 +146,7 @@ def run_trial(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log=print) ->
 
         raise optuna.TrialPruned(f"{cost.macs / 1e9:.3f}B MACs over the budget {float(search['max_macs']) / 1e9:.3f}B")
     runs_dir = ctx.options.runs_dir
-    job = "stage1" if cfg.model.recurrent.type == RecurrentType.none else "stage2"
+    job = "stage1" if _parent(cfg) is None else "stage2"
     tags = [f"{axis}={label}" for axis, label in ctx.labels.items()]
     with TrialRun(wandb_mode, "tafm", ctx.suite.name, job, ctx.key, tags, to_flat_dict(cfg),
                   runs_dir / ctx.suite.name) as tracked:

@@ -113,7 +113,7 @@ def suite_table(table: str, frame: pd.DataFrame) -> List[str]:
     if "metric.latency_ms_median" in frame:
         header += ["latency ms (ours, median)", "Pixel 2 big core ms", "ours / paper"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    baseline = None
+    baseline, control = None, False
     for key, rows in _groups(frame):
         ours, text = _cell(rows[MAP])
         cells = [_label(key), str(len(rows)), text, _paper(_paper_map(table, key)), _delta(ours, _paper_map(table, key))]
@@ -133,9 +133,13 @@ def suite_table(table: str, frame: pd.DataFrame) -> List[str]:
             cells += [f"{mine:.1f}", _paper(theirs), "–" if theirs is None else f"{mine / theirs:.2f}"]
         if key["type"] == "none":
             baseline = ours
+            control = str(_cfg(rows.iloc[0], "sweep.single_frame_stage2")).lower() == "true"
         lines.append("| " + " | ".join(cells) + " |")
     if baseline is not None:
-        lines += ["", f"Single-frame SSD baseline (ours): {baseline:.1f} mAP."]
+        lines += ["", f"Single-frame SSD baseline (ours): {baseline:.1f} mAP"
+                  + (", finetuned after stage 1 with the base frozen for the same steps and clips as the recurrent"
+                     " rows (`sweep.single_frame_stage2`), so every row has the same training budget." if control
+                     else ": the stage-1 model.")]
     return lines
 
 

@@ -78,3 +78,14 @@ def test_figure4_png_is_written(tmp_path):
 def test_missing_records_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="run `tafm run table2_placement` first"):
         write_report("table2_placement", "table2", "x", tmp_path, tmp_path / "reports")
+
+
+@pytest.mark.parametrize("control", [True, False])
+def test_the_baseline_line_says_how_the_single_frame_row_was_trained(tmp_path, control):
+    single = _row("none", 0.5, 0.300, after=())
+    single["config.sweep.single_frame_stage2"] = control
+    runs = _write(tmp_path, "table3_recurrent", [single, _row("gru", 0.5, 0.400)])
+    text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("Single-frame SSD baseline"))
+    assert "30.0 mAP" in line
+    assert ("same training budget" in line) == control and ("stage-1 model" in line) == (not control)

@@ -1,0 +1,55 @@
+"""The stage cache of ablations.runner: which stages a trial trains, from what, and what it reuses."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import lightning_modules.fit as fit_module
+from ablations.config import load_config
+from ablations.runner import trained_stage
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Replace training by a record of each call; each 'trained' stage writes an empty checkpoint."""
+    calls = []
+
+    def fake_fit(model, data, train, resume=False, callbacks=()):
+        calls.append(SimpleNamespace(type=model.recurrent.type.value, after=list(model.recurrent.after),
+                                     init=train.init_checkpoint, steps=train.max_steps, clip=data.clip_length))
+        checkpoint = Path(train.out_dir) / "checkpoints" / "last.ckpt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")
+        return SimpleNamespace(checkpoint=checkpoint, metrics={})
+
+    monkeypatch.setattr(fit_module, "fit", fake_fit)
+    return calls
+
+
+def _cfg(kind, control):
+    after = "[]" if kind == "none" else "[conv13]"
+    return load_config([f"model.recurrent.type={kind}", f"model.recurrent.after={after}", "train.max_steps=4",
+                        "data.clip_length=10", "sweep.stage1_max_steps=6", "sweep.stage1_clip_length=2",
+                        f"sweep.single_frame_stage2={control}"])
+
+
+def test_single_frame_control_is_finetuned_like_a_stage2_from_the_shared_stage1(fits, tmp_path):
+    control = trained_stage(_cfg("none", "true"), tmp_path, log=lambda s: None)
+    lstm = trained_stage(_cfg("bottleneck_lstm", "true"), tmp_path, log=lambda s: None)
+    stage1, finetune, lstm_stage = fits
+    assert (stage1.type, stage1.init, stage1.steps, stage1.clip) == ("none", None, 6, 2)
+    assert (finetune.type, finetune.steps, finetune.clip) == ("none", 4, 10)  # the recurrent trials' budget
+    assert finetune.init == lstm_stage.init != None  # noqa: E711  both start from the one stage 1
+    assert control != lstm and len(fits) == 3  # stage 1 trained once
+
+
+def test_without_the_control_the_single_frame_row_is_stage1(fits, tmp_path):
+    single = trained_stage(_cfg("none", "false"), tmp_path, log=lambda s: None)
+    trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None)
+    assert [c.type for c in fits] == ["none", "bottleneck_lstm"]
+    assert fits[1].init == str(single)
+    # the control and the plain suite share that stage 1: only the finetune is new
+    trained_stage(_cfg("none", "true"), tmp_path, log=lambda s: None)
+    assert len(fits) == 3 and fits[2].init == str(single) and fits[2].steps == 4
