@@ -132,10 +132,21 @@ class TrainClipDataset(IterableDataset):
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.counters = counters if counters is not None else DecodeCounters()
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by live workers
+        self._skip = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle and augmentation of this epoch."""
+        """Select the shuffle and augmentation of this epoch (and hand out every batch of it)."""
         self._epoch.fill_(epoch)
+        self._skip.zero_()
+
+    def set_skip_batches(self, batches: int) -> None:
+        """Start the current epoch after its first `batches` batches, without decoding them (resume).
+
+        The DataLoader takes batch b from worker b % num_workers and always starts at worker 0, so
+        worker w plays shard (w + batches) % num_workers and drops that shard's share of the first
+        `batches`. The rest of the epoch is exactly what an uninterrupted run yields unless
+        a JPEG in the dropped part is corrupt (an uninterrupted run would have replaced that clip)."""
+        self._skip.fill_(max(0, int(batches)))
 
     def _clips_per_shard(self, shards: int) -> int:
         per = len(self.clips) // (shards * self.cfg.batch_size) * self.cfg.batch_size
@@ -189,9 +200,13 @@ class TrainClipDataset(IterableDataset):
         if num_workers != max(1, self.cfg.num_workers):
             raise ValueError(f"TrainClipDataset was built for data.num_workers="
                              f"{self.cfg.num_workers} but runs in {num_workers} workers")
-        planned = self.shard_clips(worker_id, num_workers)
-        good = []
-        for clip in planned:
+        skip = int(self._skip)
+        # a resumed pass's first batch comes from worker 0 but is global batch `skip`: rotate the shards
+        shard = (worker_id + skip) % num_workers
+        planned = self.shard_clips(shard, num_workers)
+        dropped = len(range(shard, skip, num_workers)) * self.cfg.batch_size
+        good = planned[:dropped]  # handed out before a resume: assumed decodable, usable as refills
+        for clip in planned[dropped:]:
             sample = self.load_clip(clip)
             if sample is not None:
                 good.append(clip)
@@ -318,11 +333,13 @@ class EpochDataLoader(DataLoader):
                  **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch_fn, self._iterations = epoch_fn, 0
+        self.skip_batches = 0  # the next pass starts after this many batches (resume); then 0 again
 
     def __iter__(self) -> Any:
         epoch = self.epoch_fn()
         self.dataset.set_epoch(self._iterations if epoch is None else epoch)
-        self._iterations += 1
+        self.dataset.set_skip_batches(self.skip_batches)
+        self._iterations, self.skip_batches = self._iterations + 1, 0
         return super().__iter__()
 
 

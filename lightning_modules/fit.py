@@ -36,7 +36,8 @@ def _say(message: str) -> None:
 class ResumableLoader:
     """The training DataLoader plus the `state_dict` / `load_state_dict` Lightning saves in checkpoints:
     the epoch and the number of batches handed out in it. After `load_state_dict`, the first pass over
-    the same epoch skips that many batches (decoded, then dropped). The pass starts lazily, at the first
+    the same epoch skips that many batches: without decoding them where the loader can skip
+    (EpochDataLoader.skip_batches), else decoded and dropped. The pass starts lazily, at the first
     batch, so it sees the epoch Lightning is really in (Lightning creates iterators before it moves a
     run resumed at an epoch end on to the next epoch)."""
 
@@ -56,6 +57,8 @@ class ResumableLoader:
         self.epoch, self.served = self.epoch_fn(), 0
         resume, self._resume = self._resume, None
         skip = resume["served"] if resume is not None and resume["epoch"] == self.epoch else 0
+        if skip and hasattr(self.loader, "skip_batches"):
+            self.loader.skip_batches, self.served, skip = skip, skip, 0
         iterator = iter(self.loader)  # EpochDataLoader selects the epoch's shuffle here
         for _ in range(skip):
             next(iterator, None)

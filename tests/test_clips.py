@@ -107,6 +107,27 @@ def test_real_dataloader_workers_shard_the_epoch(train_videos) -> None:
     assert int(ds._epoch) == 5
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_skip_yields_the_rest_of_the_epoch_without_decoding_the_skipped_batches(
+        train_videos, workers, monkeypatch) -> None:
+    cfg = DataConfig(clip_length=4, batch_size=2, num_workers=workers)
+    ds = TrainClipDataset(train_videos, cfg, S)
+    loader = clips.EpochDataLoader(ds, lambda: 3, batch_size=2, num_workers=workers, collate_fn=collate_clips)
+
+    def batches():
+        return [[(b["video"][0][i], int(b["frame_index"][0, i])) for i in range(2)] for b in loader]
+
+    full = batches()
+    decoded = []
+    load_clip = TrainClipDataset.load_clip
+    monkeypatch.setattr(TrainClipDataset, "load_clip", lambda self, clip: decoded.append(clip) or load_clip(self, clip))
+    loader.skip_batches = 5
+    assert batches() == full[5:]  # workers 0/1 drop their share of the first 5 batches (3 and 2)
+    if workers == 0:  # in worker processes the patch is not seen
+        assert len(decoded) == 2 * (len(full) - 5)
+    assert batches() == full and loader.skip_batches == 0  # the skip is for one pass only
+
+
 def test_batch_format(train_videos) -> None:
     cfg = DataConfig(clip_length=4, batch_size=2)
     batch = next(iter(torch.utils.data.DataLoader(
