@@ -358,9 +358,10 @@ class VidClipDataModule(pl.LightningDataModule):
         self._summaries: dict[str, DataSummary] = {}
 
     def _read(self, split: str, limit: int | None) -> list[Video]:
-        """read_vid (cached), keeping the first `limit` videos by name."""
+        """read_vid (cached on disk with data.cache_dir, and in this process), keeping the first `limit`
+        videos by name."""
         videos, summary = read_vid(self.root, split, strict=self.cfg.strict,
-                                   cache_dir=self.cfg.cache_dir)
+                                   cache_dir=self.cfg.cache_dir, memo=True)
         videos = videos[:limit] if limit is not None else videos
         kept = DataSummary(videos=len(videos), frames=sum(len(v.frames) for v in videos),
                            boxes=sum(len(f.labels) for v in videos for f in v.frames))

@@ -351,13 +351,21 @@ def _read_snippet(root: Path, split: str, name: str, listed: list[str] | None,
     return Video(name=name.rpartition("/")[2], frames=tuple(frames))
 
 
-def _cache_path(cache_dir: Path, root: Path, split: str, strict: bool,
-                lists: list[Path]) -> tuple[Path, tuple]:
-    """Cache file and key: resolved root, split, strict and the lists' (or tree's) mtimes."""
+def _index_key(root: Path, split: str, strict: bool, lists: list[Path]) -> tuple:
+    """What an index is valid for: resolved root, split, strict and the lists' (or tree's) mtimes."""
     stamps = [p for p in lists if p.is_file()] or [root / "Annotations" / "VID" / split]
-    key = (str(root.resolve()), split, strict, max(p.stat().st_mtime_ns for p in stamps))
+    return (str(root.resolve()), split, strict, max(p.stat().st_mtime_ns for p in stamps))
+
+
+def _cache_path(cache_dir: Path, key: tuple) -> Path:
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-    return cache_dir / f"vid_{split}_{digest}.pkl", key
+    return cache_dir / f"vid_{key[1]}_{digest}.pkl"
+
+
+# Indexes read in this process, by _index_key (memo=True): a suite evaluates each trial up to three
+# times, and ImageNet VID's val index alone is 176k XML files.
+_MEMO: dict[tuple, tuple[list[Video], DataSummary]] = {}
+_MEMO_SIZE = 4
 
 
 _CACHE_VERSION = 1
@@ -407,23 +415,28 @@ def _load_index(path: Path, key: tuple) -> tuple[list[Video], DataSummary] | Non
 
 def read_vid(root: Path | str, split: str = "train", strict: bool = False,
              cache_dir: Path | str | None = None,
-             progress: bool = True) -> tuple[list[Video], DataSummary]:
+             progress: bool = True, memo: bool = False) -> tuple[list[Video], DataSummary]:
     """Read the ILSVRC2015 VID index of one split ("train" or "val"), videos sorted by name.
 
     Uses ImageSets/VID/train_1..30.txt (snippets, deduplicated) or val.txt (frames); if a list
     is missing, walks the folder tree instead (with a warning). Bad files and boxes are skipped
     with a VidDataWarning and counted in the DataSummary; strict=True raises VidDataError.
-    With cache_dir, the parsed index is pickled there and reused by the next call.
+    With cache_dir, the parsed index is pickled there and reused by the next call; with memo, it is
+    also kept in this process (the same objects are returned: do not modify them). Both are keyed by
+    the list files' mtimes: touch a list after editing annotations.
     """
     root = Path(root)
     _check_layout(root, split)
     lists = _list_files(root, split)
+    key = _index_key(root, split, strict, lists)
+    if memo and key in _MEMO:
+        return _MEMO[key]
     cache_file = None
     if cache_dir is not None:
-        cache_file, key = _cache_path(Path(cache_dir), root, split, strict, lists)
+        cache_file = _cache_path(Path(cache_dir), key)
         cached = _load_index(cache_file, key)
         if cached is not None:
-            return cached
+            return _remember(key, cached) if memo else cached
     summary = DataSummary()
     rep = _Reporter(summary, strict)
     missing = [p for p in lists if not p.is_file()]
@@ -451,4 +464,11 @@ def read_vid(root: Path | str, split: str = "train", strict: bool = False,
     summary.videos = len(videos)
     if cache_file is not None:
         _save_index(cache_file, key, videos, summary)
-    return videos, summary
+    return _remember(key, (videos, summary)) if memo else (videos, summary)
+
+
+def _remember(key: tuple, index: tuple[list[Video], DataSummary]) -> tuple[list[Video], DataSummary]:
+    while len(_MEMO) >= _MEMO_SIZE:
+        del _MEMO[next(iter(_MEMO))]  # the oldest
+    _MEMO[key] = index
+    return index

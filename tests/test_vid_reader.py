@@ -108,6 +108,21 @@ def test_index_cache_is_reused_and_invalidated_by_the_list_mtime(tmp_path: Path)
     assert len(reread[0].frames) == 2 and summary.missing_xml == 1
 
 
+def test_memo_reuses_the_index_in_process_until_a_list_changes(tmp_path: Path) -> None:
+    root = make_val_tree(tmp_path / "vid", {"ILSVRC2015_val_00000000": 3}, one_box)
+    first, _ = read_vid(root, "val", progress=False, memo=True)
+    (root / "Annotations/VID/val/ILSVRC2015_val_00000000/000001.xml").unlink()
+    assert read_vid(root, "val", progress=False, memo=True)[0] is first  # not read again
+    with pytest.warns(VidDataWarning, match="000001.xml"):
+        plain, _ = read_vid(root, "val", progress=False)  # without memo: read from disk
+    assert len(plain[0].frames) == 2
+    listing = root / "ImageSets/VID/val.txt"
+    os.utime(listing, ns=(listing.stat().st_atime_ns, listing.stat().st_mtime_ns + 10**9))
+    with pytest.warns(VidDataWarning, match="000001.xml"):
+        reread, summary = read_vid(root, "val", progress=False, memo=True)
+    assert len(reread[0].frames) == 2 and summary.missing_xml == 1
+
+
 def test_progress_counter_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_val_tree(tmp_path, {"ILSVRC2015_val_00000000": 2})
     read_vid(tmp_path, "val", progress=True)
