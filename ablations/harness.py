@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import optuna
 import pandas as pd
+from filelock import FileLock
 from optuna.trial import TrialState
 
 from ablations.suite import Suite, TrialPoint
@@ -83,7 +83,7 @@ def open_study(suite: Suite, options: RunOptions) -> optuna.Study:
     kwargs = {} if url.startswith("sqlite") else {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
     sampler = optuna.samplers.TPESampler(seed=0) if suite.search else None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if suite.search else optuna.pruners.NopPruner()
-    with file_lock(suite_dir(suite, options) / "create.lock"), _server_creation_lock(url):
+    with FileLock(suite_dir(suite, options) / "create.lock"), _server_creation_lock(url):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
         return optuna.create_study(study_name=study_name(suite, options), storage=storage, load_if_exists=True,
                                    direction=suite.direction, sampler=sampler, pruner=pruner)
@@ -126,18 +126,6 @@ def _server_creation_lock(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive fcntl lock on `path` (created) for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _engine_kwargs(url: str) -> dict:
     return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
@@ -153,7 +141,7 @@ def study_lock(suite: Suite, options: RunOptions, study: optuna.Study) -> Iterat
         with _advisory_lock(engine, key):
             yield
         return
-    with file_lock(suite_dir(suite, options) / f"{study_name(suite, options)}.lock"):
+    with FileLock(suite_dir(suite, options) / f"{study_name(suite, options)}.lock"):
         yield
 
 

@@ -15,8 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from filelock import FileLock
+
 from ablations.config import TafmConfig, to_flat_dict
-from ablations.harness import TrialContext, file_lock
+from ablations.harness import TrialContext
 from ablations.progress import TrainProgress
 from ablations.tracking import TrialRun
 from lightning_modules.config import RecurrentType
@@ -93,7 +95,7 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
         return Path(json.loads(done.read_text())["checkpoint"])
     parent = _parent(cfg)
     init = trained_stage(parent, runs_dir, log) if parent is not None else None
-    with file_lock(directory.with_suffix(".lock")):
+    with FileLock(directory.with_suffix(".lock")):
         if done.is_file():  # another worker trained it while we waited
             return Path(json.loads(done.read_text())["checkpoint"])
         stage = copy.deepcopy(cfg)

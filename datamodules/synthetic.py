@@ -7,7 +7,6 @@ context helps; scene sampling and rendering live in synthetic_render.py.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from datamodules.synthetic_render import (
@@ -279,22 +279,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tafm"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive fcntl lock on path (no-op where fcntl is missing; the atomic rename still holds)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _remove_stale_tmp(out: Path) -> None:
     """Delete `out.tmp-<pid>` folders whose writer process is gone on this host."""
     for tmp in out.parent.glob(f"{out.name}.tmp-*"):
@@ -319,7 +303,7 @@ def ensure_synthetic(cfg: SynthConfig | None = None, cache_dir: Path | None = No
     if is_complete(out, cfg):
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f"{out.name}.lock"):
+    with FileLock(cache / f"{out.name}.lock"):
         if is_complete(out, cfg):
             return out
         _remove_stale_tmp(out)
