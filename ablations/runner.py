@@ -72,8 +72,10 @@ def _control_config(cfg: TafmConfig) -> TafmConfig:
 def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
     """The stage this one starts from: stage 1, or with progressive training the same model with its
     last recurrent layer removed (paper Sec. 4.2); None for stage 1 itself."""
+    if single_frame_control(cfg):
+        return stage1_config(cfg)
     if cfg.model.recurrent.type == RecurrentType.none:
-        return stage1_config(cfg) if cfg.sweep.single_frame_stage2 else None
+        return None
     after = list(cfg.model.recurrent.after)
     if cfg.sweep.progressive and len(after) > 1:
         parent = copy.deepcopy(cfg)
@@ -86,8 +88,10 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
     """The checkpoint of `cfg` trained (with its parents), from the cache or trained now; resumable."""
     from lightning_modules.fit import fit
 
-    if cfg.model.recurrent.type == RecurrentType.none:
-        cfg = _control_config(cfg) if cfg.sweep.single_frame_stage2 else stage1_config(cfg)
+    if single_frame_control(cfg):
+        cfg = _control_config(cfg)
+    elif cfg.model.recurrent.type == RecurrentType.none:
+        cfg = stage1_config(cfg)
 
     directory = runs_dir / STAGES_DIR / stage_hash(cfg)
     done = directory / DONE
