@@ -13,13 +13,14 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from filelock import FileLock
 
 from ablations.config import TafmConfig, to_flat_dict
 from ablations.harness import TrialContext
 from ablations.progress import TrainProgress
+from ablations.pruning import OptunaPruning
 from ablations.tracking import TrialRun
 from lightning_modules.config import RecurrentType
 from lightning_modules.cost import count_cost
@@ -84,8 +85,9 @@ def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
     return stage1_config(cfg)
 
 
-def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
-    """The checkpoint of `cfg` trained (with its parents), from the cache or trained now; resumable."""
+def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequence[Any] = ()) -> Path:
+    """The checkpoint of `cfg` trained (with its parents), from the cache or trained now; resumable.
+    `callbacks` join the training of `cfg`'s own stage only: parents are shared with other trials."""
     from lightning_modules.fit import fit
 
     if single_frame_control(cfg):
@@ -108,7 +110,8 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print) -> Path:
         kind = "stage 1 (single-frame SSD)" if init is None else f"stage 2 ({_describe(cfg)})"
         log(f"  training {kind} -> {directory}")
         resume = (directory / "checkpoints" / "last.ckpt").is_file()  # an interrupted stage continues
-        result = fit(stage.model, stage.data, stage.train, resume=resume, callbacks=[TrainProgress(log=log)])
+        result = fit(stage.model, stage.data, stage.train, resume=resume,
+                     callbacks=[TrainProgress(log=log), *callbacks])
         (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))
@@ -156,7 +159,9 @@ def run_trial(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log=print) ->
     tags = [f"{axis}={label}" for axis, label in ctx.labels.items()]
     with TrialRun(wandb_mode, "tafm", ctx.suite.name, job, ctx.key, tags, to_flat_dict(cfg),
                   runs_dir / ctx.suite.name) as tracked:
-        checkpoint = trained_stage(cfg, runs_dir, log)
+        # search suites prune hopeless trials (MedianPruner) from the validations of their own stage
+        pruning = [OptunaPruning(ctx.trial, ctx.suite.metric)] if ctx.suite.search else []
+        checkpoint = trained_stage(cfg, runs_dir, log, callbacks=pruning)
         metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate))
         if cfg.sweep.latency:
             metrics.update(_latency(cfg, checkpoint, ctx.run_dir))

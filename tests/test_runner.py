@@ -6,9 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
+import ablations.runner as runner
 import lightning_modules.fit as fit_module
 from ablations.config import load_config
+from ablations.harness import RunOptions, TrialContext
 from ablations.runner import trained_stage
+from ablations.suite import load_suite
 
 
 @pytest.fixture
@@ -18,7 +21,8 @@ def fits(monkeypatch):
 
     def fake_fit(model, data, train, resume=False, callbacks=()):
         calls.append(SimpleNamespace(type=model.recurrent.type.value, after=list(model.recurrent.after),
-                                     init=train.init_checkpoint, steps=train.max_steps, clip=data.clip_length))
+                                     init=train.init_checkpoint, steps=train.max_steps, clip=data.clip_length,
+                                     callbacks=[type(c).__name__ for c in callbacks]))
         checkpoint = Path(train.out_dir) / "checkpoints" / "last.ckpt"
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(b"")
@@ -53,3 +57,26 @@ def test_without_the_control_the_single_frame_row_is_stage1(fits, tmp_path):
     # the control and the plain suite share that stage 1: only the finetune is new
     trained_stage(_cfg("none", "true"), tmp_path, log=lambda s: None)
     assert len(fits) == 3 and fits[2].init == str(single) and fits[2].steps == 4
+
+
+def test_extra_callbacks_join_only_the_trials_own_stage(fits, tmp_path):
+    trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None, callbacks=[object()])
+    assert [c.callbacks for c in fits] == [["TrainProgress"], ["TrainProgress", "object"]]  # stage 1 is shared
+
+
+@pytest.mark.parametrize("suite, pruned", [("search_alpha_lstm", True), ("smoke", False)])
+def test_search_suites_prune_their_trials(monkeypatch, tmp_path, suite, pruned):
+    seen = []
+
+    def stop(cfg, runs_dir, log, callbacks=()):
+        seen.extend(callbacks)
+        raise StopIteration  # enough: the trial's training was about to start
+
+    monkeypatch.setattr(runner, "trained_stage", stop)
+    trial = SimpleNamespace(number=0)
+    ctx = TrialContext(suite=load_suite(suite), key="k", point=None, seed=0, labels={}, run_dir=tmp_path / "run",
+                       trial=trial, options=RunOptions(runs_dir=tmp_path))
+    with pytest.raises(StopIteration):
+        runner.run_trial(_cfg("bottleneck_lstm", "false"), ctx, "disabled", log=lambda s: None)
+    assert [(type(c).__name__, c.trial, c.monitor) for c in seen] == (
+        [("OptunaPruning", trial, "val/vid_map50")] if pruned else [])

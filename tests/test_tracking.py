@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import optuna
 import pytest
@@ -62,9 +61,9 @@ class _Constant(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(trial, value):
+def _fit(trial, value, **limits):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(**(limits or {"max_epochs": 3}), logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[OptunaPruning(trial, "val/vid_map50")])
     trainer.fit(_Constant(value), data, data)
 
@@ -79,6 +78,18 @@ def test_pruning_callback_stops_a_hopeless_trial():
     with pytest.raises(optuna.TrialPruned):
         _fit(hopeless, 0.1)
     assert hopeless.number in [t.number for t in study.trials]
+
+
+@pytest.mark.parametrize("limits", [{"max_epochs": 1}, {"max_steps": 2, "val_check_interval": 2}])
+def test_pruning_never_discards_a_trial_at_its_last_validation(limits):
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    for value in (0.8, 0.9):
+        trial = study.ask()
+        _fit(trial, value, **limits)
+        study.tell(trial, value)
+    hopeless = study.ask()
+    _fit(hopeless, 0.1, **limits)  # reported, not pruned: its training is over
+    assert hopeless.should_prune()
 
 
 def test_training_progress_reports_steps_rate_and_eta():
