@@ -76,7 +76,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {MAX_RETRIES} times or still running elsewhere): "
               f"{', '.join(missing)}; rerun to retry")
     _run_extras(suite, Path(options.runs_dir))
-    _cmd_report(argparse.Namespace(suite=suite.name, all=False, runs_dir=str(options.runs_dir),
+    _cmd_report(argparse.Namespace(suite=args.suite, all=False, runs_dir=str(options.runs_dir),
                                    out_dir=args.report_dir, wandb=mode))
     command = sync_command(Path(options.runs_dir) / suite.name)
     if command and mode == "offline":

@@ -82,3 +82,19 @@ def test_rerun_skips_finished_trials_and_status_and_report_work(smoke_run, capsy
     assert main(["report", "smoke", "--runs-dir", str(smoke_run), "--out-dir", str(tmp_path), "--wandb", "disabled"]) == 0
     report = (tmp_path / "smoke" / "README.md").read_text()
     assert "bottleneck_lstm" in report and "| 42.8 |" not in report  # alpha 0.25: no paper cell to compare
+
+
+def test_a_suite_given_as_a_file_path_runs_and_writes_its_report(tmp_path):
+    suite = tmp_path / "my_suite.yaml"
+    suite.write_text("""description: "one tiny trial from a user's own file"
+table: table3
+metric: val/vid_map50
+base: {model.alpha: 0.25, model.input_size: 64, model.recurrent.after: [conv13]}
+grid:
+  model.recurrent.type: [bottleneck_lstm]
+profiles:
+  synthetic: {train.max_steps: 2, train.max_epochs: null, sweep.stage1_max_steps: 2, data.batch_size: 2, data.clip_length: 2}
+""")
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    assert main(["run", str(suite), "--runs-dir", str(runs), "--wandb", "disabled", "--report-dir", str(reports)]) == 0
+    assert "bottleneck_lstm" in (reports / "my_suite" / "README.md").read_text()
