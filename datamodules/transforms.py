@@ -9,59 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.data_config import AugmentConfig
 from datamodules.vid import pixel_to_normalized
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation defaults (TF Object Detection API ssd_random_crop + flip)."""
-
-    enabled: bool = True
-    no_crop_prob: float = 0.15  # TF ssd_random_crop random_coef: keep the whole image
-    min_object_covered: list[float] = field(
-        default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9, 1.0])  # one chosen uniformly per clip
-    aspect_ratio_min: float = 0.5  # crop width/height
-    aspect_ratio_max: float = 2.0
-    area_min: float = 0.1  # crop area / image area
-    area_max: float = 1.0
-    max_attempts: int = 100  # TF sample_distorted_bounding_box; whole image if all fail
-    flip_prob: float = 0.5
-    # Photometric jitter is not in the LSTM-SSD release configs (crop + flip only): off by default.
-    photometric: bool = False
-    brightness_max_delta: float = 0.2  # TF random_adjust_brightness, in [0, 1] units
-    contrast_min: float = 0.8  # TF random_adjust_contrast
-    contrast_max: float = 1.25
-    saturation_min: float = 0.8  # TF random_adjust_saturation
-    saturation_max: float = 1.25
-    hue_max_delta: float = 0.02  # TF random_adjust_hue, fraction of a full turn
-
-    def validate(self, prefix: str = "data.augment") -> None:
-        """Raise ValueError naming the first invalid key."""
-        for key in ("no_crop_prob", "flip_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{prefix}.{key} must be in [0, 1], got {getattr(self, key)}")
-        if not self.min_object_covered or not all(0 <= v <= 1 for v in self.min_object_covered):
-            raise ValueError(f"{prefix}.min_object_covered must be a non-empty list of values in "
-                             f"[0, 1], got {list(self.min_object_covered)}")
-        pairs = (("aspect_ratio_min", "aspect_ratio_max"), ("area_min", "area_max"),
-                 ("contrast_min", "contrast_max"), ("saturation_min", "saturation_max"))
-        for lo, hi in pairs:
-            if not 0 < getattr(self, lo) <= getattr(self, hi):
-                raise ValueError(f"{prefix}.{lo} must be > 0 and <= {prefix}.{hi}, got "
-                                 f"{getattr(self, lo)} and {getattr(self, hi)}")
-        if self.area_max > 1.0:
-            raise ValueError(f"{prefix}.area_max must be <= 1, got {self.area_max}")
-        if self.max_attempts < 1:
-            raise ValueError(f"{prefix}.max_attempts must be >= 1, got {self.max_attempts}")
-        for key in ("brightness_max_delta", "hue_max_delta"):
-            if not 0.0 <= getattr(self, key) <= 0.5:
-                raise ValueError(f"{prefix}.{key} must be in [0, 0.5], got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 # The 30 VID classes (id, name, WordNet id) in the canonical alphabetical order (imagenet_vid.md).
 VID_CLASSES: tuple[tuple[int, str, str], ...] = (
@@ -158,7 +157,8 @@ class _Reporter:
 
 def _affine(boxes: Any, scale: list[float], offset: list[float], first_offset: bool) -> Any:
     """(boxes + offset) * scale or boxes * scale + offset, per xyxy column; numpy or torch."""
-    if isinstance(boxes, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded: the reader itself never imports it
+    if torch is not None and isinstance(boxes, torch.Tensor):
         boxes = boxes if boxes.is_floating_point() else boxes.float()
         s, o = boxes.new_tensor(scale), boxes.new_tensor(offset)
     else:

@@ -52,6 +52,14 @@ class WidthRule(Enum):
     same = "same"  # N = M
 
 
+# MobileNetV1 (paper Table 1): (name, output channels at alpha=1, stride); conv1 is a full 3x3
+# conv, the rest are 3x3 depthwise + 1x1 pointwise. conv14 is slim's Conv2d_13, which LSTM-SSD prunes.
+MOBILENET_V1 = (
+    ("conv1", 32, 2), ("conv2", 64, 1), ("conv3", 128, 2), ("conv4", 128, 1), ("conv5", 256, 2),
+    ("conv6", 256, 1), ("conv7", 512, 2), ("conv8", 512, 1), ("conv9", 512, 1), ("conv10", 512, 1),
+    ("conv11", 512, 1), ("conv12", 512, 1), ("conv13", 1024, 2), ("conv14", 1024, 1),
+)
+
 #: Where a recurrent layer may be placed (paper Tables 2 and 4). `outputs` = one layer after
 #: each of the five prediction maps, feeding only the heads.
 PLACEMENTS = ("conv3", "conv13", "fm1", "fm2", "fm3", "fm4", "outputs")

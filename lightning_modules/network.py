@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.config import (
+    MOBILENET_V1,
     Arch,
     ModelConfig,
     RecurrentType,
@@ -28,13 +29,6 @@ from lightning_modules.config import (
 )
 from lightning_modules.recurrent import RecurrentCell, State, build_cell
 
-# MobileNetV1 (paper Table 1): (name, output channels at alpha=1, stride); conv1 is a full 3x3
-# conv, the rest are 3x3 depthwise + 1x1 pointwise. conv14 is slim's Conv2d_13, which LSTM-SSD prunes.
-MOBILENET_V1 = (
-    ("conv1", 32, 2), ("conv2", 64, 1), ("conv3", 128, 2), ("conv4", 128, 1), ("conv5", 256, 2),
-    ("conv6", 256, 1), ("conv7", 512, 2), ("conv8", 512, 1), ("conv9", 512, 1), ("conv10", 512, 1),
-    ("conv11", 512, 1), ("conv12", 512, 1), ("conv13", 1024, 2), ("conv14", 1024, 1),
-)
 FEATURE_MAP_DEPTHS = (512, 256, 256, 128)  # fm1..fm4 at multiplier 1 (paper Table 1 at alpha_ssd=0.5)
 ANCHORS_PER_LOCATION = (3, 6, 6, 6, 6)  # map 0 uses the reduced set (TF reduce_boxes_in_lowest_layer)
 

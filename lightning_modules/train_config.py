@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
-from lightning_modules.config import ModelConfig
-from lightning_modules.network import MOBILENET_V1
+from lightning_modules.config import MOBILENET_V1, ModelConfig
 
 #: Paper Sec. 4.1 learning rates: 0.003 for alpha = 1 (320px), 0.002 for alpha = 0.5 (256px).
 PAPER_LR_ALPHA_1 = 0.003
