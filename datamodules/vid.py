@@ -40,13 +40,16 @@ SPLITS = ("train", "val")
 MAX_WARNINGS_PER_KIND = 20  # further problems of one kind are only counted (see DataSummary)
 _FRAME_RE = re.compile(r"^(\d+)\.(jpeg|xml)$", re.IGNORECASE)
 
-EXPECTED_LAYOUT = """expected ILSVRC2015 VID layout:
-  <root>/
-    Data/VID/train/ILSVRC2015_VID_train_000N/ILSVRC2015_train_XXXXXXXX/%06d.JPEG
-    Data/VID/val/ILSVRC2015_val_XXXXXXXX/%06d.JPEG
-    Annotations/VID/train/ILSVRC2015_VID_train_000N/ILSVRC2015_train_XXXXXXXX/%06d.xml
-    Annotations/VID/val/ILSVRC2015_val_XXXXXXXX/%06d.xml
-    ImageSets/VID/train_1.txt .. train_30.txt, val.txt   (optional: else the tree is walked)"""
+_SNIPPETS = {"train": "ILSVRC2015_VID_train_000N/ILSVRC2015_train_XXXXXXXX", "val": "ILSVRC2015_val_XXXXXXXX"}
+_LISTS = {"train": "train_1.txt .. train_30.txt", "val": "val.txt"}
+
+
+def expected_layout(split: str) -> str:
+    """The ILSVRC2015 VID layout of one split, on one line (for error messages)."""
+    snippets = _SNIPPETS.get(split, "<snippet>")
+    return (f"expected ILSVRC2015 VID layout: <root>/Data/VID/{split}/{snippets}/%06d.JPEG and "
+            f"<root>/Annotations/VID/{split}/{snippets}/%06d.xml, with the lists "
+            f"<root>/ImageSets/VID/{_LISTS.get(split, '<split>.txt')} (optional: else the tree is walked)")
 
 
 class VidLayoutError(ValueError):
@@ -179,17 +182,18 @@ def normalized_to_pixel(boxes: Any, width: int, height: int) -> Any:
 
 
 def _check_layout(root: Path, split: str) -> None:
-    """Raise VidLayoutError naming the first missing folder of the VID layout."""
+    """Raise VidLayoutError (one line) naming the first missing folder of the VID layout."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not root.exists():
+        raise VidLayoutError(f"ImageNet VID root {root} does not exist; {expected_layout(split)}")
     if not root.is_dir():
-        raise VidLayoutError(f"ImageNet VID root {root} does not exist or is not a folder; "
-                             f"{EXPECTED_LAYOUT}")
+        raise VidLayoutError(f"ImageNet VID root {root} is a file, not a folder; {expected_layout(split)}")
     for sub in ("Data", "Annotations"):
         folder = root / sub / "VID" / split
         if not folder.is_dir():
             raise VidLayoutError(f"ImageNet VID root {root} has no folder {sub}/VID/{split} "
-                                 f"(looked for {folder}); {EXPECTED_LAYOUT}")
+                                 f"(looked for {folder}); {expected_layout(split)}")
 
 
 def _list_files(root: Path, split: str) -> list[Path]:
