@@ -1,6 +1,7 @@
 """The root config: one structured default, overridden by a suite YAML and `key=value` pairs.
 
-An unknown key or a bad value is a `ConfigError` that names the key and what is valid.
+An unknown key or a bad value is a `ConfigError` that names the key and what is valid; every mistake
+of the user's (config, suite, storage, data) is a `UserError`, which a suite never retries.
 """
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ class SweepConfig:
     latency_frames: int = 200
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave (arguments, suite, config, storage URL, data): the message says
+    what was wrong, where, and what would be valid. Rerunning cannot fix it, so it is never retried."""
+
+
+class ConfigError(UserError):
     """A user's config was wrong: the message says where and what is valid."""
 
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from ablations.config import ConfigError, load_config
+from ablations.config import ConfigError, TafmConfig, load_config
 
 # Under every suite's own base (a suite may override): the released code's relu6 for the recurrent
 # cells. With the paper's ReLU a trained Bottleneck-LSTM's output grew ~30x a frame over a clip.
@@ -137,19 +137,68 @@ def _nest(flat: Dict[str, Any]) -> Dict[str, Any]:
     return nested
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """Read and validate a suite by name (ablations/suites/NAME.yaml) or path."""
+def trial_config(overrides_cli: List[str], delta: Dict[str, Any]) -> TafmConfig:
+    """A trial's config: default <- suite delta (profile, base, grid point) <- --set; `seed` seeds data and train."""
+    delta = dict(delta)
+    seed = delta.pop("seed", 0)
+    cfg = load_config(overrides_cli, delta=_nest(delta))
+    return replace(cfg, data=replace(cfg.data, seed=cfg.data.seed + seed), train=replace(cfg.train, seed=cfg.train.seed + seed))
+
+
+def _suite_path(name_or_path: str) -> Path:
+    """A suite name (ablations/suites/NAME.yaml) or a path to a .yaml/.yml file."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = suites_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown suite {name_or_path!r}; valid: {', '.join(available_suites())}")
+            raise ConfigError(f"unknown suite {name_or_path!r}; valid: {', '.join(available_suites())} "
+                              f"(or a path to a suite .yaml file)")
     elif not path.is_file():
         raise ConfigError(f"suite file {path} does not exist")
+    return path
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a suite file is a mapping with the keys {sorted(SUITE_KEYS)}, "
+                          f"got {type(raw).__name__} {raw!r}")
+    return raw
+
+
+def _as_mapping(value: Any, where: str, example: str) -> Dict[str, Any]:
+    """`value` as a mapping ({} when absent); anything else names where it is and an example."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, e.g. {example}; got {type(value).__name__} {value!r}")
+    return value
+
+
+def _mapping(raw: Dict[str, Any], key: str, path: Path, example: str) -> Dict[str, Any]:
+    return _as_mapping(raw.get(key), f"{path}: {key!r}", f"{key}: {example}")
+
+
+def _check_space(space: Dict[str, Any], path: Path) -> None:
+    example = "{low: 0.05, high: 0.5, log: true} or {choices: [a, b]}"
+    for key, spec in space.items():
+        spec = _as_mapping(spec, f"{path}: search.space {key!r}", example)
+        if not (isinstance(spec.get("choices"), list) and spec["choices"]) and not {"low", "high"} <= set(spec):
+            raise ConfigError(f"{path}: search.space {key!r} needs low and high, or a non-empty choices list, "
+                              f"e.g. {example}; got {spec!r}")
+
+
+def _positive_int(value: Any, where: str, example: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer, e.g. {example}; got {value!r}")
+    return value
+
+
+def _check_structure(raw: Dict[str, Any], path: Path) -> None:
+    """The suite's own keys and their shapes; config keys are checked later, against the structured config."""
     unknown = set(raw) - SUITE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown suite key(s) {sorted(unknown)}; valid: {sorted(SUITE_KEYS)}")
@@ -159,27 +208,42 @@ def load_suite(name_or_path: str) -> Suite:
     direction = raw.get("direction", "maximize")
     if direction not in ("maximize", "minimize"):
         raise ConfigError(f"{path}: direction must be maximize or minimize, got {direction!r}")
-    profiles = raw.get("profiles", {}) or {}
-    for profile in profiles:
+    _positive_int(raw.get("seeds", 1), f"{path}: 'seeds'", "seeds: 3")
+    for profile, delta in _mapping(raw, "profiles", path, "{synthetic: {train.max_steps: 100}}").items():
         if profile not in PROFILES:
             raise ConfigError(f"{path}: unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
-    grid = raw.get("grid", {}) or {}
-    for axis, values in grid.items():
+        _as_mapping(delta, f"{path}: profile {profile!r}", f"{profile}: {{train.max_steps: 100}}")
+    for axis, values in _mapping(raw, "grid", path, "{model.recurrent.type: [lstm, gru]}").items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid axis {axis!r} must be a non-empty list")
-    suite = Suite(name=path.stem, description=raw["description"], table=raw["table"], metric=raw["metric"],
-                  direction=direction, base={**SUITE_DEFAULTS, **(raw.get("base", {}) or {})}, grid=grid, search=raw.get("search"),
-                  evaluate=raw.get("evaluate", {}) or {}, profiles=profiles, seeds=int(raw.get("seeds", 1)),
-                  extras=raw.get("extras", {}) or {}, source=str(path))
-    for key in suite.extras:
+    search = _mapping(raw, "search", path, "{trials: 12, space: {model.alpha_lstm: {low: 0.05, high: 0.5}}}")
+    if search:
+        _positive_int(search.get("trials"), f"{path}: 'search.trials'", "trials: 12")
+        _check_space(_as_mapping(search.get("space"), f"{path}: 'search.space'",
+                                 "space: {model.alpha_lstm: {low: 0.05, high: 0.5}}"), path)
+    for key in _mapping(raw, "evaluate", path, "{occlusion_p: [0.25, 0.5]}"):
+        if key != "occlusion_p":
+            raise ConfigError(f"{path}: evaluate supports occlusion_p only, got {key!r}")
+    for key in _mapping(raw, "extras", path, "{cost_tables: true}"):
         if key not in EXTRAS:
             raise ConfigError(f"{path}: unknown extra {key!r}; valid: {', '.join(EXTRAS)}")
+    _mapping(raw, "base", path, "{model.alpha: 0.5}")
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Read and validate a suite by name (ablations/suites/NAME.yaml) or path."""
+    path = _suite_path(name_or_path)
+    raw = _read_yaml(path)
+    _check_structure(raw, path)
+    grid = raw.get("grid") or {}
+    suite = Suite(name=path.stem, description=raw["description"], table=raw["table"], metric=raw["metric"],
+                  direction=raw.get("direction", "maximize"), base={**SUITE_DEFAULTS, **(raw.get("base") or {})},
+                  grid=grid, search=raw.get("search") or None, evaluate=raw.get("evaluate") or {},
+                  profiles=raw.get("profiles") or {}, seeds=raw.get("seeds", 1), extras=raw.get("extras") or {},
+                  source=str(path))
     suite.points = _expand_grid(grid)
     for profile in PROFILES:
         _check_keys(f"profile {profile}", suite.delta(profile), str(path))
     for point in suite.points:
         _check_keys(f"grid point {point.labels}", suite.delta("synthetic", point.overrides), str(path))
-    for key in suite.evaluate:
-        if key != "occlusion_p":
-            raise ConfigError(f"{path}: evaluate supports occlusion_p only, got {key!r}")
     return suite
