@@ -3,7 +3,10 @@
 - Grid points are enqueued once (under a lock) as WAITING trials carrying their key; workers pop
   them with `study.ask()`, which the RDB storage hands to exactly one worker.
 - A trial whose process died (same host, pid gone; or a stale heartbeat from another machine) is
-  marked FAIL on the next run and its key enqueued again, up to `MAX_RETRIES` times.
+  marked FAIL on the next run and its key enqueued again, up to `MAX_RETRIES` times; so is a trial
+  that raised an unexpected error.
+- A trial that raised a `UserError` (a bad config, a data root or file the user must fix) stops the
+  suite at once with that error: it is recorded as FAIL with `user_error`, and never counts as a try.
 - Rerunning a suite skips every key that is COMPLETE (or PRUNED).
 - After every trial the suite's results table (runs/<suite>/results.csv) is rewritten, atomically,
   from the study's records (user attributes): the only source the reports read.
@@ -25,6 +28,7 @@ import pandas as pd
 from filelock import FileLock
 from optuna.trial import TrialState
 
+from ablations.config import UserError
 from ablations.suite import Suite, TrialPoint
 
 MAX_RETRIES = 3
@@ -179,7 +183,7 @@ def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
     """Enqueue every key with no COMPLETE/PRUNED/RUNNING/WAITING trial and fewer than MAX_RETRIES failures."""
     by_key: Dict[str, List[TrialState]] = {}
     for trial in study.get_trials(deepcopy=False):
-        if "key" in trial.user_attrs:
+        if "key" in trial.user_attrs and not trial.user_attrs.get("user_error"):  # a user's mistake is no try
             by_key.setdefault(trial.user_attrs["key"], []).append(trial.state)
     enqueued = []
     for key in keys:
@@ -227,9 +231,12 @@ def suite_progress(study: optuna.Study, total: int, durations: List[float]) -> s
 
 
 def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn) -> float:
+    """Run one trial and tell the study; an unexpected error is recorded (and retried later), a
+    UserError is recorded and raised: the suite stops at once."""
     start = time.time()
     try:
         result = trial_fn(cfg, ctx)
+        value = _suite_metric(ctx, result)
     except optuna.TrialPruned as pruned:
         trial.set_user_attr("record", _record(ctx, cfg, {"pruned": str(pruned)}, time.time() - start))
         study.tell(trial, state=TrialState.PRUNED)
@@ -238,18 +245,43 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
         trial.set_user_attr("error", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
         raise
-    except Exception as error:  # a failed trial must not stop the suite; it is retried on the next run
-        trial.set_user_attr("error", f"{type(error).__name__}: {error}")
-        study.tell(trial, state=TrialState.FAIL)
-        print(f"[{ctx.suite.name}] trial {ctx.key} failed: {type(error).__name__}: {error}", flush=True)
+    except UserError as error:
+        _fail(study, trial, error, user_error=True)
+        raise
+    except Exception as error:  # a failed trial must not stop the suite; it is retried up to MAX_RETRIES times
+        _fail(study, trial, error, user_error=False)
+        print(f"[{ctx.suite.name}] trial {ctx.key} failed: {type(error).__name__}: {error_line(error)}", flush=True)
         return time.time() - start
     elapsed = time.time() - start
     trial.set_user_attr("record", _record(ctx, cfg, result, elapsed))
+    study.tell(trial, value)
+    return elapsed
+
+
+def _suite_metric(ctx: TrialContext, result: Dict[str, Any]) -> float:
+    """The value the study optimises; a suite metric the trial does not produce is the suite's mistake."""
     value = result.get(ctx.suite.metric)
     if value is None:
-        raise KeyError(f"trial function did not return the suite metric {ctx.suite.metric!r}; got {sorted(result)}")
-    study.tell(trial, float(value))
-    return elapsed
+        names = sorted(k for k, v in result.items() if isinstance(v, (int, float)) and "/ap/" not in k)
+        raise UserError(f"{ctx.suite.source or ctx.suite.name}: the suite's metric {ctx.suite.metric!r} is not among "
+                        f"trial {ctx.key}'s metrics; valid: {', '.join(names)}")
+    return float(value)
+
+
+def error_line(error: BaseException) -> str:
+    """The error's message on one line; for one re-raised from a DataLoader worker (whose message is the
+    worker's whole traceback), the worker's own message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _fail(study: optuna.Study, trial: optuna.trial.Trial, error: BaseException, user_error: bool) -> None:
+    trial.set_user_attr("error", f"{type(error).__name__}: {error_line(error)}")
+    if user_error:
+        trial.set_user_attr("user_error", True)
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def _record(ctx: TrialContext, cfg: Any, metrics: Dict[str, Any], wall_time: float) -> Dict[str, Any]:
@@ -310,12 +342,22 @@ def run_grid(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: 
         key = trial.user_attrs["key"]
         point, seed = keys[key]
         overrides = suite.delta(options.profile, point.overrides)
-        cfg = make_config({**overrides, "seed": seed})
+        cfg = _trial_config(study, trial, make_config, {**overrides, "seed": seed})
         run_dir = suite_dir(suite, options) / "trials" / key
         ctx = TrialContext(suite, key, point, seed, point.labels, run_dir, trial, options)
         _run_and_record(study, trial, ctx, cfg, trial_fn, durations, len(keys), results, log)
         finished += 1
     return write_records(study, results)
+
+
+def _trial_config(study: optuna.Study, trial: optuna.trial.Trial, make_config: Callable[[Dict[str, Any]], Any],
+                  delta: Dict[str, Any]) -> Any:
+    """The claimed trial's config; a bad one (e.g. a sampled search point) fails the trial, not leaves it RUNNING."""
+    try:
+        return make_config(delta)
+    except UserError as error:
+        _fail(study, trial, error, user_error=True)
+        raise
 
 
 def _run_and_record(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn,
@@ -332,6 +374,22 @@ def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
     """Keys that never completed after MAX_RETRIES failures."""
     done = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
     return [k for k in keys if k not in done]
+
+
+def first_failure(study: optuna.Study) -> Optional[str]:
+    """'trial KEY: ERROR' of the earliest failed trial of a key that never finished: the first thing to fix."""
+    done = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        key, error = trial.user_attrs.get("key"), trial.user_attrs.get("error")
+        if key and error and key not in done and not trial.user_attrs.get("discarded"):
+            return f"trial {key}: {error}"
+    return None
+
+
+def _failures(study: optuna.Study) -> int:
+    """Failed trials that count as tries (not a user's mistake, not a discarded claim)."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+               if "key" in t.user_attrs and not t.user_attrs.get("user_error") and not t.user_attrs.get("discarded"))
 
 
 def _suggest(trial: optuna.trial.Trial, space: Dict[str, Any]) -> Dict[str, Any]:
@@ -353,6 +411,7 @@ def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config
     """TPE over the suite's search space until `search.trials` trials are finished (across workers)."""
     study = open_study(suite, options)
     total = int(suite.search["trials"])
+    failed_before = _failures(study)
     results = suite_dir(suite, options) / "results.csv"
     durations: List[float] = []
     finished = 0
@@ -360,7 +419,7 @@ def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config
         with study_lock(suite, options, study):
             recover_dead_trials(study)
             done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
-            if len(done) >= total:
+            if len(done) >= total or _failures(study) - failed_before >= MAX_RETRIES:  # failing again and again
                 break
             trial = study.ask()
             key = f"search-{trial.number:04d}"
@@ -368,7 +427,7 @@ def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config
             _own(trial)
         params = _suggest(trial, suite.search["space"])
         labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
-        cfg = make_config({**suite.delta(options.profile, params), "seed": 0})
+        cfg = _trial_config(study, trial, make_config, {**suite.delta(options.profile, params), "seed": 0})
         ctx = TrialContext(suite, key, None, 0, labels, suite_dir(suite, options) / "trials" / key, trial, options)
         _run_and_record(study, trial, ctx, cfg, trial_fn, durations, total, results, log)
         finished += 1
