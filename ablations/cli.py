@@ -1,7 +1,8 @@
 """The `tafm` command line.
 
 User errors (a bad key, value, path) end in one line `tafm: error: ...` and exit status 2;
-set TAFM_DEBUG=1 to see the traceback instead.
+set TAFM_DEBUG=1 to see the traceback instead. `tafm run` checks the suite, the overrides, the
+storage and the data root before it imports the training stack or opens the study.
 """
 from __future__ import annotations
 
@@ -43,45 +44,75 @@ def _cmd_suites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(args: argparse.Namespace):
+def _run_options(args: argparse.Namespace, overrides: Optional[List[str]] = None):
     from ablations.harness import RunOptions
 
     return RunOptions(runs_dir=Path(args.runs_dir), storage=args.storage, profile=args.profile, seeds=args.seeds,
-                      overrides=list(args.set), max_trials=args.max_trials)
+                      overrides=list(args.set) if overrides is None else overrides, max_trials=args.max_trials)
+
+
+def _preflight(args: argparse.Namespace):
+    """Everything a user can get wrong, checked once before any heavy import, study or training:
+    arguments, the suite, every trial's config, the storage URL, the data roots. Returns (suite, overrides)."""
+    from ablations.preflight import check_data, check_profile, check_seeds, check_storage, trial_configs
+    from ablations.suite import load_suite
+
+    check_seeds(args.seeds)
+    check_profile(args.profile, args.data_root)
+    suite = load_suite(args.suite)
+    overrides = list(args.set)
+    if args.data_root:
+        overrides.append(f"data.root={Path(args.data_root).resolve()}")
+    configs = trial_configs(suite, args.profile, overrides)
+    check_storage(args.storage)
+    check_data(configs)
+    return suite, overrides
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ablations.harness import MAX_RETRIES, failed_keys, grid_keys, open_study, run_grid, run_search
-    from ablations.runner import make_config, run_trial
-    from ablations.suite import load_suite
+    suite, overrides = _preflight(args)
+    from ablations.harness import open_study, run_grid, run_search
+    from ablations.runner import run_trial
+    from ablations.suite import trial_config
     from ablations.tracking import resolve_mode, sync_command
 
-    suite = load_suite(args.suite)
     mode = resolve_mode(args.wandb)
-    options = _run_options(args)
-    if args.data_root:
-        options.overrides.append(f"data.root={Path(args.data_root).resolve()}")
-    if args.profile == "vid" and not args.data_root:
-        raise ValueError("--profile vid trains at the paper's settings on ImageNet VID: pass --data-root PATH")
-    make_config(options.overrides, suite.delta(options.profile, suite.points[0].overrides))  # bad --set fails now
+    options = _run_options(args, overrides)
     print(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; "
           f"records in {Path(options.runs_dir) / suite.name}")
     runner = run_search if suite.search else run_grid
     frame = runner(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
-                   lambda delta: make_config(options.overrides, delta))
-    study = open_study(suite, options)
-    missing = [] if suite.search else failed_keys(study, grid_keys(suite, options))
+                   lambda delta: trial_config(options.overrides, delta))
     print(f"[{suite.name}] {len(frame)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
-    if missing:
-        print(f"[{suite.name}] {len(missing)} trial(s) not finished (failed {MAX_RETRIES} times or still running elsewhere): "
-              f"{', '.join(missing)}; rerun to retry")
-    _run_extras(suite, Path(options.runs_dir))
-    _cmd_report(argparse.Namespace(suite=args.suite, all=False, runs_dir=str(options.runs_dir),
-                                   out_dir=args.report_dir, wandb=mode))
+    if len(frame):
+        _run_extras(suite, Path(options.runs_dir))
+        _cmd_report(argparse.Namespace(suite=args.suite, all=False, runs_dir=str(options.runs_dir),
+                                       out_dir=args.report_dir, wandb=mode))
     command = sync_command(Path(options.runs_dir) / suite.name)
     if command and mode == "offline":
         print(f"[{suite.name}] upload the W&B runs with: {command}")
-    return 1 if missing and options.max_trials is None else 0
+    unfinished = _unfinished(suite, options, open_study(suite, options))
+    if unfinished and options.max_trials is None:
+        print(f"tafm: error: {unfinished}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _unfinished(suite, options, study) -> Optional[str]:
+    """One line on the trials that did not finish and the first cause, or None when all did."""
+    from ablations.harness import MAX_RETRIES, failed_keys, first_failure, grid_keys
+
+    if suite.search:
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED"))
+        missing, names = suite.search["trials"] - done, ""
+    else:
+        keys = failed_keys(study, grid_keys(suite, options))
+        missing, names = len(keys), f" ({', '.join(keys)})"
+    if missing <= 0:
+        return None
+    cause = first_failure(study)
+    why = f"failed {MAX_RETRIES} times; first cause: {cause}" if cause else "still running in another worker"
+    return f"{missing} trial(s) of suite {suite.name} not finished{names}: {why}"
 
 
 def _run_extras(suite, runs_dir: Path) -> None:
@@ -104,10 +135,14 @@ def _run_extras(suite, runs_dir: Path) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from ablations.harness import grid_keys, open_study, records_frame
+    from ablations.preflight import check_seeds, check_storage
     from ablations.suite import load_suite
 
+    check_seeds(args.seeds)
     suite = load_suite(args.suite)
+    check_storage(args.storage)
+    from ablations.harness import grid_keys, open_study, records_frame
+
     options = _run_options(args)
     study = open_study(suite, options)
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False) if "key" in t.user_attrs)
@@ -300,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as error:  # UserError is a ValueError
         if os.environ.get("TAFM_DEBUG"):
             raise
         print(f"tafm: error: {error}", file=sys.stderr)

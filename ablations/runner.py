@@ -11,17 +11,17 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from filelock import FileLock
 
-from ablations.config import TafmConfig, to_flat_dict
-from ablations.harness import TrialContext
+from ablations.config import TafmConfig, UserError, to_flat_dict
+from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
 from ablations.tracking import TrialRun
+from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
 from lightning_modules.cost import count_cost
 from lightning_modules.network import create_model
@@ -143,7 +143,26 @@ def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, lis
 
 
 def run_trial(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log=print) -> Dict[str, Any]:
-    """The harness's trial function for every suite."""
+    """The harness's trial function for every suite. A data mistake (the root's layout, a bad file under
+    data.strict, nothing left to evaluate) is a UserError: the suite stops at once, nothing is retried."""
+    try:
+        metrics = _train_and_evaluate(cfg, ctx, wandb_mode, log)
+    except VidLayoutError as error:
+        raise UserError(f"trial {ctx.key}: data.root: {error_line(error)}") from error
+    except VidDataError as error:
+        raise UserError(f"trial {ctx.key}: data.strict=true stops at the first bad file: {error_line(error)}; "
+                        f"set data.strict=false to skip and count bad files") from error
+    return metrics
+
+
+def _nothing_evaluated(cfg: TafmConfig, ctx: TrialContext) -> UserError:
+    root = cfg.data.root or "the synthetic benchmark"
+    return UserError(f"trial {ctx.key}: nothing was evaluated: every {cfg.data.val_split} clip of {root} was skipped "
+                     f"(corrupt or unreadable frames, see the warnings above), so {ctx.suite.metric!r} cannot be "
+                     f"computed; fix the files or pass another --data-root")
+
+
+def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log) -> Dict[str, Any]:
     cost = count_cost(create_model(cfg.model))
     recurrent = [c for name, c in cost.components.items() if name.startswith("lstm:")]
     metrics: Dict[str, Any] = {"params": cost.params, "macs": cost.macs,
@@ -163,6 +182,8 @@ def run_trial(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log=print) ->
         pruning = [OptunaPruning(ctx.trial, ctx.suite.metric)] if ctx.suite.search else []
         checkpoint = trained_stage(cfg, runs_dir, log, callbacks=pruning)
         metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate))
+        if not any(key.startswith("val/") for key in metrics):
+            raise _nothing_evaluated(cfg, ctx)
         if cfg.sweep.latency:
             metrics.update(_latency(cfg, checkpoint, ctx.run_dir))
         metrics["checkpoint"] = str(checkpoint)
@@ -180,14 +201,3 @@ def _latency(cfg: TafmConfig, checkpoint: Path, run_dir: Path) -> Dict[str, floa
     export_model(checkpoint, out, "onnx")
     result = measure_latency(out, frames=cfg.sweep.latency_frames)
     return {"latency_ms_median": result.median_ms, "latency_ms_p90": result.p90_ms}
-
-
-def make_config(overrides_cli, delta: Dict[str, Any]) -> TafmConfig:
-    """A trial's config: default <- suite delta (profile, base, grid point) <- --set; `seed` seeds data and train."""
-    from ablations.config import load_config
-    from ablations.suite import _nest
-
-    delta = dict(delta)
-    seed = delta.pop("seed", 0)
-    cfg = load_config(overrides_cli, delta=_nest(delta))
-    return replace(cfg, data=replace(cfg.data, seed=cfg.data.seed + seed), train=replace(cfg.train, seed=cfg.train.seed + seed))
