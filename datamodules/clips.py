@@ -100,16 +100,16 @@ def training_clips(videos: list[Video], clip_length: int,
     return clips, short
 
 
+def minival_window(name: str, length: int, frames: int, seed: int) -> tuple[int, int]:
+    """Minival protocol for one video of `length` frames: a random window (start, length) of
+    `frames` consecutive frames, seeded by (seed, video name); a shorter video is taken whole."""
+    start = int(_name_rng("minival", seed, name).integers(0, length - frames + 1)) if length > frames else 0
+    return start, min(length, frames)
+
+
 def minival_windows(videos: list[Video], frames: int, seed: int) -> dict[str, tuple[int, int]]:
-    """Minival protocol: per video one random window (start, length) of `frames` consecutive
-    frames, seeded by (seed, video name); videos with fewer frames are taken whole."""
-    out = {}
-    for video in videos:
-        n = len(video.frames)
-        start = int(_name_rng("minival", seed, video.name).integers(0, n - frames + 1)) \
-            if n > frames else 0
-        out[video.name] = (start, min(n, frames))
-    return out
+    """`minival_window` of every video, by name."""
+    return {video.name: minival_window(video.name, len(video.frames), frames, seed) for video in videos}
 
 
 class TrainClipDataset(IterableDataset):
