@@ -44,6 +44,13 @@ class DepthwiseInput(Enum):
     x = "x"
 
 
+class CellInit(Enum):
+    """How a recurrent layer's weights start (the paper does not say)."""
+
+    random = "random"  # He-normal, like every other convolution
+    identity = "identity"  # output = input (as far as the widths allow): stage 2 starts from stage 1's function
+
+
 class WidthRule(Enum):
     """Output width N of a Bottleneck-LSTM placed after conv3, FM1 or FM2 (the paper leaves it open)."""
 
@@ -75,6 +82,7 @@ class RecurrentConfig:
     depthwise_input: DepthwiseInput = DepthwiseInput.x_h
     fm_width_rule: WidthRule = WidthRule.quarter
     averaging_weight: float = 0.75  # paper Sec. 4.2: 0.75 * x_t + 0.25 * x_{t-1}
+    init: CellInit = CellInit.random
 
 
 @dataclass
@@ -90,6 +98,10 @@ class ModelConfig:
     # PyTorch BatchNorm momentum; the paper's TF decay 0.9997 is 0.0003. Short CPU runs need more.
     bn_momentum: float = 0.0003
     bn_eps: float = 1e-3
+    # TF reduce_boxes_in_lowest_layer: the first map gets 3 anchors (0.1 square, 0.2 at 2:1 and 1:2)
+    # instead of the full 6 (0.2 at every ratio, 0.28 square). False suits small frames whose objects
+    # are ~0.2-0.35 of the side (the synthetic profile), where the reduced set only has oblong anchors.
+    reduce_boxes_in_lowest_layer: bool = True
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
 
 

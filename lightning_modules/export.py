@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from lightning_modules.anchors import BoxCoder, generate_anchors
+from lightning_modules.anchors import BoxCoder
 from lightning_modules.config import ModelConfig, validate_model
 from lightning_modules.network import LSTMSSD, create_model
 
@@ -181,7 +181,7 @@ class OneFrameDetector(nn.Module):
         super().__init__()
         self.net = net.eval()
         self.box_coder = BoxCoder()
-        self.register_buffer("anchors", generate_anchors(net.feature_map_sizes), persistent=False)
+        self.register_buffer("anchors", net.anchors(), persistent=False)
         zero = net.zero_state(1)
         self.state_specs: List[StateSpec] = []
         for layer, cell_state in zip(net.cell_order, zero):

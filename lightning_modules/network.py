@@ -17,9 +17,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.anchors import generate_anchors, num_anchors_per_location
 from lightning_modules.config import (
     MOBILENET_V1,
     Arch,
+    CellInit,
     ModelConfig,
     RecurrentType,
     WidthRule,
@@ -30,7 +32,6 @@ from lightning_modules.config import (
 from lightning_modules.recurrent import RecurrentCell, State, build_cell
 
 FEATURE_MAP_DEPTHS = (512, 256, 256, 128)  # fm1..fm4 at multiplier 1 (paper Table 1 at alpha_ssd=0.5)
-ANCHORS_PER_LOCATION = (3, 6, 6, 6, 6)  # map 0 uses the reduced set (TF reduce_boxes_in_lowest_layer)
 
 
 def depth(channels: float, multiplier: float, min_depth: int) -> int:
@@ -141,6 +142,8 @@ class LSTMSSD(nn.Module):
             map_channels.append(channels)
         # `outputs`: a recurrent layer after each prediction map, feeding only its heads (paper Table 2)
         self.output_cells: List[List[str]] = []
+        anchors_per_location = num_anchors_per_location(
+            len(map_channels), reduce_boxes_in_lowest_layer=cfg.reduce_boxes_in_lowest_layer)
         for index, cin in enumerate(map_channels):
             keys = []
             position = "conv13" if index == 0 else f"fm{index}"
@@ -151,11 +154,14 @@ class LSTMSSD(nn.Module):
                 cin = self.cells[key].out_channels
                 keys.append(key)
             self.output_cells.append(keys)
-            k = ANCHORS_PER_LOCATION[index]
+            k = anchors_per_location[index]
             self.heads_box.append(_prediction_block(cin, k * 4, bn))
             self.heads_class.append(_prediction_block(cin, k * (cfg.num_classes + 1), bn))
         self.cell_order = [s.name for s in self.plan if s.kind == "cell"] + [k for ks in self.output_cells for k in ks]
         self._init_weights()
+        if cfg.recurrent.init == CellInit.identity:
+            for cell in self.cells.values():
+                cell.init_identity()
 
     def _init_weights(self) -> None:
         """He-normal (fan-in) convolutions, zero biases, unit BatchNorm: keeps activations alive
@@ -184,6 +190,11 @@ class LSTMSSD(nn.Module):
     @property
     def feature_map_sizes(self) -> List[int]:
         return feature_map_sizes(self.input_size)
+
+    def anchors(self) -> Tensor:
+        """The SSD anchors [A, 4] the heads predict for, in their order (normalized xyxy)."""
+        return generate_anchors(self.feature_map_sizes,
+                                reduce_boxes_in_lowest_layer=self.cfg.reduce_boxes_in_lowest_layer)
 
     @property
     def num_recurrent_layers(self) -> int:

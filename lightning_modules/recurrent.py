@@ -14,6 +14,10 @@ from lightning_modules.config import Activation, DepthwiseInput, RecurrentType
 
 State = Tuple[Tensor, ...]
 
+#: Gate pre-activation of an identity-initialised cell: sigmoid(3) = 0.95 (open), sigmoid(-3) = 0.05
+#: (closed). Not saturated, so the gates still get gradient to learn what to remember.
+IDENTITY_GATE = 3.0
+
 
 def _activation(kind: Activation) -> Callable[[Tensor], Tensor]:
     """phi of the LSTM equations (paper Sec. 3.4 chooses ReLU)."""
@@ -30,6 +34,33 @@ def _pointwise(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, bias=True)
 
 
+@torch.no_grad()
+def _pass_through(conv: nn.Conv2d) -> None:
+    """A 3x3 depthwise conv that copies its input: centre tap 1, the rest 0."""
+    conv.weight.zero_()
+    conv.weight[:, :, 1, 1] = 1.0
+
+
+@torch.no_grad()
+def _project(conv: nn.Conv2d, rows: slice, m: int, bias: float = 0.0) -> None:
+    """Output channels `rows` of a 1x1 conv read the first m input channels: the identity when the
+    widths agree, else each output channel the mean of an equal group of inputs; bias set."""
+    weight = conv.weight[rows, :, 0, 0]
+    weight.zero_()
+    n = weight.shape[0]
+    for k in range(n):
+        lo, hi = k * m // n, max(k * m // n + 1, (k + 1) * m // n)
+        weight[k, lo:hi] = 1.0 / (hi - lo)
+    conv.bias[rows] = bias
+
+
+@torch.no_grad()
+def _gate(conv: nn.Conv2d, rows: slice, bias: float) -> None:
+    """Output channels `rows` of a 1x1 conv become a constant gate: weights 0, bias `bias`."""
+    conv.weight[rows].zero_()
+    conv.bias[rows] = bias
+
+
 class RecurrentCell(nn.Module):
     """Common interface: input width M, output width N, a tuple state."""
 
@@ -37,6 +68,12 @@ class RecurrentCell(nn.Module):
     out_channels: int
 
     def zero_state(self, x: Tensor) -> State:
+        raise NotImplementedError
+
+    def init_identity(self) -> None:
+        """Start as a pass-through (model.recurrent.init=identity): on any frame the output is the
+        input (phi(x) = x for conv13's ReLU6 features), with the gates open, so a stage 2 begins from
+        the single-frame network's function and learns what to carry over from there."""
         raise NotImplementedError
 
 
@@ -75,6 +112,23 @@ class BottleneckLSTM(RecurrentCell):
         h = self.phi(c) * torch.sigmoid(o)
         return h, (c, h)
 
+    def init_identity(self) -> None:
+        """b = x (group means of x when N < M), j = b, i and o open, f closed."""
+        m, n = self.in_channels, self.out_channels
+        _pass_through(self.bottleneck_dw)
+        _project(self.bottleneck_pw, slice(0, n), m)
+        _pass_through(self.gates_dw)
+        _gates_identity(self.gates_pw, n, self.forget_bias)
+
+
+def _gates_identity(conv: nn.Conv2d, n: int, forget_bias: float) -> None:
+    """LSTM gates i, j, f, o of one 1x1 conv over an input whose first n channels are the new value:
+    j copies them, i and o open, f closed (c' ~ phi(x), h' ~ phi(c'))."""
+    _gate(conv, slice(0, n), IDENTITY_GATE)
+    _project(conv, slice(n, 2 * n), n)
+    _gate(conv, slice(2 * n, 3 * n), -IDENTITY_GATE - forget_bias)
+    _gate(conv, slice(3 * n, 4 * n), IDENTITY_GATE)
+
 
 class ConvLSTM(RecurrentCell):
     """Standard convolutional LSTM (paper Eq. 3): one separable conv [x, h] -> 4N, N = M."""
@@ -96,6 +150,10 @@ class ConvLSTM(RecurrentCell):
         c = c * torch.sigmoid(f + self.forget_bias) + torch.sigmoid(i) * self.phi(j)
         h = self.phi(c) * torch.sigmoid(o)
         return h, (c, h)
+
+    def init_identity(self) -> None:
+        _pass_through(self.dw)
+        _gates_identity(self.pw, self.out_channels, self.forget_bias)
 
 
 class ConvGRU(RecurrentCell):
@@ -120,6 +178,14 @@ class ConvGRU(RecurrentCell):
         h = (1 - z) * h + z * candidate
         return h, (h,)
 
+    def init_identity(self) -> None:
+        """z open (take the candidate), r open, candidate = phi(x)."""
+        m = self.out_channels
+        _pass_through(self.gates_dw)
+        _gate(self.gates_pw, slice(0, 2 * m), IDENTITY_GATE)
+        _pass_through(self.candidate_dw)
+        _project(self.candidate_pw, slice(0, m), m)
+
 
 class Averaging(RecurrentCell):
     """Weighted feature averaging baseline (paper Sec. 4.2): w * x_t + (1 - w) * x_{t-1}.
@@ -140,6 +206,9 @@ class Averaging(RecurrentCell):
         averaged = self.weight * x + (1 - self.weight) * previous
         out = has_previous * averaged + (1 - has_previous) * x
         return out, (x, torch.ones_like(has_previous))
+
+    def init_identity(self) -> None:
+        """Nothing to learn: averaging is what it is."""
 
 
 def build_cell(kind: RecurrentType, m: int, n: int, cfg) -> RecurrentCell:

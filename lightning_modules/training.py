@@ -22,8 +22,9 @@ from torch import Tensor
 
 from datamodules.metrics import VidEvaluator
 from datamodules.vid import CLASS_NAMES, normalized_to_pixel
-from lightning_modules.anchors import BoxCoder, generate_anchors
+from lightning_modules.anchors import BoxCoder
 from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.distill import Teacher, distillation_loss, load_teacher
 from lightning_modules.loss import MultiboxLoss
 from lightning_modules.network import create_model
 from lightning_modules.optim import RMSpropTF, paper_lr_lambda
@@ -65,11 +66,14 @@ class LSTMSSDModule(pl.LightningModule):
                                    "lr_resolved": resolve_lr(self.train_cfg, self.model_cfg)})
         self.net = create_model(self.model_cfg)
         self.box_coder = BoxCoder()
-        self.loss_fn = MultiboxLoss(generate_anchors(self.net.feature_map_sizes), self.box_coder,
+        self.loss_fn = MultiboxLoss(self.net.anchors(), self.box_coder,
                                     num_classes=self.model_cfg.num_classes,
                                     loc_weight=self.train_cfg.loc_weight,
                                     max_negatives_per_positive=self.train_cfg.max_negatives_per_positive,
                                     negative_weight=self.train_cfg.negative_weight)
+        self.teacher: Optional[Teacher] = None
+        if self.train_cfg.stage == 2 and self.train_cfg.distill_steps > 0:
+            self.teacher = Teacher(load_teacher(self.train_cfg.init_checkpoint, self.train_cfg.init_from_ema, as_config))
         self.frozen_layers: List[str] = []
         self.frozen_bn: List[str] = []
         if freeze != FreezeMode.none:
@@ -103,6 +107,10 @@ class LSTMSSDModule(pl.LightningModule):
         """One clip batch [T, B]: zero state at each clip start, full backprop through the T frames."""
         box_regression, class_logits, _ = self.net(batch["images"], None, batch["reset"])
         losses = self.clip_loss(batch, box_regression, class_logits)
+        if self.teacher is not None and self.global_step < self.train_cfg.distill_steps:
+            losses["distill"] = distillation_loss(box_regression, class_logits,
+                                                  self.teacher(batch["images"], batch["reset"]))
+            losses["loss"] = losses["loss"] + self.train_cfg.distill_weight * losses["distill"]
         frames = batch["images"].shape[0] * batch["images"].shape[1]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=frames, prog_bar=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=frames)
