@@ -46,6 +46,10 @@ class TrainConfig:
     freeze: FreezeMode = FreezeMode.frozen_bn_eval  # applied only when init_checkpoint is set
     freeze_through: str = "conv13"  # last frozen base layer (the paper's Conv13)
     backbone_weights: Optional[str] = None  # timm mobilenetv1_100 state-dict file (stage 1)
+    # stage-2 warm start (not in the paper): the first N steps also fit the outputs to those of the
+    # init checkpoint's network on the same frames (lightning_modules/distill.py); 0 disables
+    distill_steps: int = 0
+    distill_weight: float = 1.0
     # evaluation post-processing (reproduction notes Sec. 4)
     score_threshold: float = 0.01
     nms_iou: float = 0.5
@@ -78,7 +82,7 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
         for key in ("epsilon", "weight_decay", "grad_clip_norm", "loc_weight", "max_negatives_per_positive",
-                    "score_threshold"):
+                    "score_threshold", "distill_steps", "distill_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("lr_decay_steps", "max_per_class", "max_total", "val_every_n_epochs",

@@ -1,0 +1,92 @@
+"""The CPU recipe's parts: the single-frame cap of the synthetic benchmark, identity-initialised
+recurrent cells, and the distillation warm start of stage 2."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.synthetic import SynthConfig
+from datamodules.synthetic_cap import oracle_frame, partner, single_frame_cap
+from datamodules.synthetic_render import ObjectFrame
+from datamodules.vid import VID_CLASSES
+from lightning_modules.config import Activation, CellInit, ModelConfig, RecurrentConfig, RecurrentType
+from lightning_modules.distill import distillation_loss
+from lightning_modules.network import create_model
+from lightning_modules.stages import load_matching
+
+CLASSES = ("horse", "zebra", "car", "bus", "bear")
+ID = {name: cid for cid, name, _ in VID_CLASSES}
+
+
+def _obj(track: int, position: int, cue: bool) -> ObjectFrame:
+    return ObjectFrame(track=track, class_index=position, box=(10, 10, 40, 40), visible_px=500,
+                       occluded_frac=0.0, cue_visible=cue, faded=False)
+
+
+def test_oracle_names_the_class_only_on_cue_frames():
+    rng = np.random.default_rng(0)
+    boxes, scores, labels = oracle_frame([_obj(0, 0, True)], CLASSES, rng)
+    assert scores.tolist() == [1.0] and labels.tolist() == [ID["horse"]]
+    boxes, scores, labels = oracle_frame([_obj(0, 3, False)], CLASSES, rng)  # bus without its marker
+    assert sorted(labels.tolist()) == sorted([ID["car"], ID["bus"]]) and np.all(np.abs(scores - 0.5) <= 0.005)  # bus and car, tied
+    assert np.array_equal(boxes[0], boxes[1])
+    # bear's partner (giant_panda) is not among the classes: unpaired, always known
+    boxes, scores, labels = oracle_frame([_obj(0, 4, False)], CLASSES, rng)
+    assert scores.tolist() == [1.0] and labels.tolist() == [ID["bear"]]
+    assert partner(4, 5) is None and partner(2, 5) == 3 and partner(3, 5) == 2
+
+
+def test_cap_is_perfect_with_every_cue_and_well_below_without():
+    small = dict(videos=1, val_videos=3, frames=20, size=64, seed=0, fade_prob=0.0, flicker_prob=0.0,
+                 occluder_prob=0.0)
+    always = single_frame_cap(SynthConfig(cue_prob=1.0, **small))
+    assert always.vid_map50 == pytest.approx(1.0) and always.cue_hidden_share == 0.0
+    never = single_frame_cap(SynthConfig(cue_prob=0.0, **small))
+    assert never.cue_hidden_share == 1.0 and never.boxes > 0
+    assert 0.3 < never.vid_map50 < 0.8  # half the detections of every object are false positives
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "bottleneck_lstm"])
+def test_identity_cell_passes_its_input_through(kind):
+    torch.manual_seed(0)
+    recurrent = RecurrentConfig(type=RecurrentType(kind), activation=Activation.relu6, init=CellInit.identity)
+    # alpha_lstm = alpha: the Bottleneck-LSTM is as wide as its input, so it can be the identity
+    net = create_model(ModelConfig(alpha=0.25, alpha_lstm=0.25, input_size=64, recurrent=recurrent))
+    cell = net.cells["conv13_0"]
+    x = torch.rand(4, 2, cell.in_channels, 2, 2) * 6  # conv13's ReLU6 range
+    state = cell.zero_state(x[0])
+    for t in range(4):
+        out, state = cell(x[t], state)
+        assert torch.allclose(out, x[t], atol=0.12 * 6)  # open gates are sigmoid(3) = 0.95, not 1
+        assert torch.corrcoef(torch.stack([out.flatten(), x[t].flatten()]))[0, 1] > 0.99
+
+
+def test_identity_stage2_starts_from_the_single_frame_network():
+    """Loaded into a GRU stage 2, stage 1's weights predict almost what they did without the cell."""
+    torch.manual_seed(0)
+    single = create_model(ModelConfig(alpha=0.25, input_size=64, recurrent=RecurrentConfig(type=RecurrentType.none)))
+    frames = torch.rand(3, 2, 3, 64, 64) * 2 - 1
+    single.eval()
+    with torch.no_grad():
+        _, reference, _ = single(frames)
+    for init, close in ((CellInit.identity, True), (CellInit.random, False)):
+        recurrent = RecurrentConfig(type=RecurrentType.gru, activation=Activation.relu6, init=init)
+        stage2 = create_model(ModelConfig(alpha=0.25, input_size=64, recurrent=recurrent))
+        load_matching(stage2, single.state_dict())
+        stage2.eval()
+        with torch.no_grad():
+            _, logits, _ = stage2(frames)
+        error = float((logits - reference).abs().mean() / reference.abs().mean())
+        assert (error < 0.1) == close, f"{init.value}: relative error {error:.3f}"
+
+
+def test_distillation_loss_is_smallest_at_the_teacher():
+    torch.manual_seed(0)
+    box, logits = torch.randn(2, 5, 4), torch.randn(2, 5, 31) * 3
+    at_teacher = distillation_loss(box, logits, (box, logits))
+    assert distillation_loss(box + 0.5, logits, (box, logits)) > at_teacher
+    assert distillation_loss(box, logits + torch.randn_like(logits), (box, logits)) > at_teacher
+    student = logits.clone().requires_grad_(True)
+    distillation_loss(box, student, (box, logits)).backward()
+    assert student.grad.abs().max() < 1e-6  # the soft-target cross-entropy is stationary at the teacher
