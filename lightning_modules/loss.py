@@ -47,8 +47,7 @@ def match_batch(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.T
         return torch.full((num_frames, num_anchors), -1, dtype=torch.long, device=anchors.device)
     iou = iou_matrix(gt_boxes, anchors)  # [N, G, A]
     iou = torch.where(gt_valid[..., None], iou, -1.0)  # padding never wins
-    best_gt = iou.argmax(dim=1)  # [N, A]
-    best_iou = iou.gather(1, best_gt[:, None, :]).squeeze(1)
+    best_iou, best_gt = iou.max(dim=1)  # [N, A]; the first gt on ties, as argmax
     matches = torch.where(best_iou >= iou_threshold, best_gt, -1)
     # Force match: each valid gt row to its best anchor column.
     best_anchor = iou.argmax(dim=2)  # [N, G]
@@ -92,25 +91,31 @@ def hard_negative_mask(cls_losses: torch.Tensor, positive: torch.Tensor,
 def _pad_ground_truth(gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor], num_classes: int,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack per-frame gt lists into boxes [N, G, 4], labels [N, G], valid [N, G]; padding boxes are
-    the whole image (finite codes) and padding labels 0."""
+    the whole image (finite codes) and padding labels 0. One scatter for the whole batch."""
     if len(gt_boxes) != len(gt_labels):
         raise ValueError(f"loss.py MultiboxLoss: gt_boxes has {len(gt_boxes)} frames but gt_labels has "
                          f"{len(gt_labels)}")
-    num_gt = max((len(b) for b in gt_boxes), default=0)
-    boxes = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).repeat(len(gt_boxes), num_gt, 1)
-    labels = torch.zeros(len(gt_boxes), num_gt, dtype=torch.long, device=device)
-    valid = torch.zeros(len(gt_boxes), num_gt, dtype=torch.bool, device=device)
     for i, (b, l) in enumerate(zip(gt_boxes, gt_labels)):
         if b.ndim != 2 or b.shape[-1] != 4 or l.shape != (b.shape[0],):
             raise ValueError(f"loss.py MultiboxLoss: frame {i} needs gt_boxes [n, 4] and gt_labels [n], "
                              f"got {tuple(b.shape)} and {tuple(l.shape)}")
-        boxes[i, : len(b)] = b.to(device=device, dtype=boxes.dtype)
-        labels[i, : len(b)] = l.to(device=device, dtype=torch.long)
-        valid[i, : len(b)] = True
-    real = labels[valid]
-    if real.numel() and bool(((real < 1) | (real > num_classes)).any()):
-        raise ValueError(f"loss.py MultiboxLoss: gt_labels must be in 1..{num_classes} (0 is background), "
-                         f"got values in {int(real.min())}..{int(real.max())}")
+    counts = [len(b) for b in gt_boxes]
+    num_gt = max(counts, default=0)
+    boxes = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).repeat(len(gt_boxes), num_gt, 1)
+    labels = torch.zeros(len(gt_boxes), num_gt, dtype=torch.long, device=device)
+    valid = torch.zeros(len(gt_boxes), num_gt, dtype=torch.bool, device=device)
+    if sum(counts):
+        frame = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        start = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
+        slot = torch.arange(len(frame)) - start[frame]
+        frame, slot = frame.to(device), slot.to(device)
+        boxes[frame, slot] = torch.cat(gt_boxes).to(device=device, dtype=boxes.dtype)
+        labels[frame, slot] = torch.cat(gt_labels).to(device=device, dtype=torch.long)
+        valid[frame, slot] = True
+        real = labels[frame, slot]
+        if bool(((real < 1) | (real > num_classes)).any()):
+            raise ValueError(f"loss.py MultiboxLoss: gt_labels must be in 1..{num_classes} (0 is background), "
+                             f"got values in {int(real.min())}..{int(real.max())}")
     return boxes, labels, valid
 
 
