@@ -49,11 +49,43 @@ class DecodeCounters:
         return DataSummary(**{k: int(n) for k, n in zip(self.KINDS, self.counts.tolist())})
 
 
+#: Decoded frames kept in the main process, up to this many bytes of pixels (the synthetic benchmark's 1,280
+#: frames take 47 MB; ImageNet VID does not fit, so its first frames stay and the rest are decoded every time).
+DECODE_CACHE_BYTES = 512 << 20
+
+
+class DecodeCache:
+    """Decoded RGB frames by (path, mtime, size): with data.num_workers=0 a clip is decoded once per process,
+    not once per epoch and evaluation. DataLoader workers do not cache (they live one epoch, in which each
+    frame is read once). Callers never modify a returned image (PIL crop/resize/transpose make new ones)."""
+
+    def __init__(self, max_bytes: int = DECODE_CACHE_BYTES) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.images: dict[tuple, Image.Image] = {}
+
+    def get(self, path: Path) -> tuple[tuple, Image.Image | None]:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        return key, self.images.get(key)
+
+    def put(self, key: tuple, image: Image.Image) -> None:
+        size = image.width * image.height * len(image.getbands())
+        if key not in self.images and self.bytes + size <= self.max_bytes and get_worker_info() is None:
+            self.images[key] = image
+            self.bytes += size
+
+
+_DECODED = DecodeCache()
+
+
 def load_frame(frame: FrameAnno, counters: DecodeCounters, strict: bool) -> Image.Image | None:
-    """Decode one frame as RGB; None (warned, counted) if the JPEG is corrupt or has the wrong size."""
+    """Decode one frame as RGB (or take it from the decode cache); None (warned, counted) if the JPEG is
+    corrupt or has the wrong size."""
     try:
-        with Image.open(frame.image_path) as im:
-            image = im.convert("RGB")
+        key, image = _DECODED.get(Path(frame.image_path))
+        if image is None:
+            with Image.open(frame.image_path) as im:
+                image = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         counters.problem("corrupt_jpeg", frame.image_path, f"cannot decode JPEG ({err})", strict)
         return None
@@ -62,6 +94,7 @@ def load_frame(frame: FrameAnno, counters: DecodeCounters, strict: bool) -> Imag
                          f"image is {image.size[0]}x{image.size[1]} but its XML <size> says "
                          f"{frame.width}x{frame.height}", strict)
         return None
+    _DECODED.put(key, image)
     return image
 
 

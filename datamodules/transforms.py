@@ -102,11 +102,13 @@ def _photometric(x: np.ndarray, aug: ClipAug) -> np.ndarray:
 
 def _to_tensor(image: Image.Image, out_size: int, aug: ClipAug | None = None) -> torch.Tensor:
     """Resize to out_size x out_size (bilinear, no aspect preservation) -> [3,S,S] 2*x/255-1."""
-    img = image.convert("RGB").resize((out_size, out_size), Image.Resampling.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / 255.0
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    x = np.asarray(rgb.resize((out_size, out_size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     if aug is not None:
         x = _photometric(x, aug)
-    return torch.from_numpy(np.ascontiguousarray(x * 2.0 - 1.0)).permute(2, 0, 1).contiguous()
+    x *= 2.0  # in place: the same float32 operations as x * 2.0 - 1.0, without two more arrays
+    x -= 1.0
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
 
 def to_model_input(image: Image.Image, out_size: int) -> torch.Tensor:

@@ -325,3 +325,14 @@ def test_datamodule_end_to_end(tmp_path: Path) -> None:
     assert (summary.videos, summary.frames, summary.problems()) == (3, 16, 0)
     assert "3 videos, 16 frames" in summary.format()
     assert list((tmp_path / "cache").glob("vid_*.pkl"))
+
+
+def test_a_frame_is_decoded_once_and_again_after_it_changes_on_disk(tmp_path: Path) -> None:
+    root = make_val_tree(tmp_path, {"ILSVRC2015_val_00000000": 2}, boxes_fn)
+    videos, _ = read_vid(root, "val", progress=False)
+    frame, counters = videos[0].frames[0], clips.DecodeCounters()
+    first = clips.load_frame(frame, counters, strict=True)
+    assert clips.load_frame(frame, counters, strict=True) is first  # from the decode cache
+    Image.new("RGB", first.size, (200, 10, 10)).save(frame.image_path)
+    again = clips.load_frame(frame, counters, strict=True)
+    assert again is not first and again.getpixel((0, 0))[0] > 150  # the new file, not the cached image
