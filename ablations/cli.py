@@ -28,7 +28,8 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from datamodules.synthetic import SynthConfig, generate
 
-    fields = {k: getattr(args, k) for k in ("videos", "frames", "size", "seed") if getattr(args, k) is not None}
+    fields = {k: getattr(args, k) for k in ("videos", "val_videos", "frames", "size", "seed")
+              if getattr(args, k) is not None}
     out = generate(Path(args.out), SynthConfig(**fields), progress=True)
     print(f"synthetic VID dataset in {out}")
     return 0
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_commands.add_parser("synth", help="write the synthetic benchmark in the ILSVRC2015 VID layout")
     synth.add_argument("out", help="output folder")
     synth.add_argument("--videos", type=int, help="number of training videos")
+    synth.add_argument("--val-videos", type=int, help="number of val videos")
     synth.add_argument("--frames", type=int, help="frames per video")
     synth.add_argument("--size", type=int, help="image side in pixels")
     synth.add_argument("--seed", type=int, help="random seed (the dataset is deterministic from it)")

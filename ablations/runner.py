@@ -182,6 +182,7 @@ def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log
         pruning = [OptunaPruning(ctx.trial, ctx.suite.metric)] if ctx.suite.search else []
         checkpoint = trained_stage(cfg, runs_dir, log, callbacks=pruning)
         metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate))
+        metrics.update(single_frame_cap_metric(cfg))
         if not any(key.startswith("val/") for key in metrics):
             raise _nothing_evaluated(cfg, ctx)
         if cfg.sweep.latency:
@@ -190,6 +191,20 @@ def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log
         tracked.log({k: v for k, v in metrics.items() if k != "checkpoint"})
         tracked.summary(metrics)
     return metrics
+
+
+def single_frame_cap_metric(cfg: TafmConfig) -> Dict[str, float]:
+    """On the synthetic benchmark, its single-frame cap on the frames this trial is scored on
+    (datamodules/synthetic_cap.py), so that reports can set each row beside it; {} on real VID."""
+    from datamodules.data_config import EvalProtocol
+    from datamodules.synthetic_cap import cap_of_root
+    from lightning_modules.fit import resolve_root
+
+    if cfg.data.val_split != "val":
+        return {}
+    minival = cfg.data.minival_frames if cfg.data.eval_protocol == EvalProtocol.minival else None
+    cap = cap_of_root(str(resolve_root(cfg.data)), minival, cfg.data.seed, cfg.data.max_val_videos)
+    return {} if cap is None else {"single_frame_cap": cap.vid_map50}
 
 
 def _latency(cfg: TafmConfig, checkpoint: Path, run_dir: Path) -> Dict[str, float]:

@@ -11,6 +11,7 @@ A temporal detector that carries the class from a cue frame is not held by this 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,3 +97,11 @@ def synth_config_of(root: Path | str) -> Optional[SynthConfig]:
     if not path.is_file():
         return None
     return SynthConfig(**json.loads(path.read_text(encoding="utf-8"))["config"])
+
+
+@functools.lru_cache(maxsize=16)
+def cap_of_root(root: str, minival_frames: Optional[int], data_seed: int,
+                max_val_videos: Optional[int]) -> Optional[SingleFrameCap]:
+    """`single_frame_cap` of the synthetic dataset at `root` (None for a real VID root), once per process."""
+    cfg = synth_config_of(root)
+    return None if cfg is None else single_frame_cap(cfg, minival_frames, data_seed, max_val_videos)

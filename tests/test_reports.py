@@ -89,3 +89,19 @@ def test_the_baseline_line_says_how_the_single_frame_row_was_trained(tmp_path, c
     line = next(line for line in text.splitlines() if line.startswith("Single-frame SSD baseline"))
     assert "30.0 mAP" in line
     assert ("same training budget" in line) == control and ("stage-1 model" in line) == (not control)
+
+
+def test_synthetic_rows_sit_beside_the_single_frame_cap(tmp_path):
+    runs = _write(tmp_path, "quick", [
+        _row("none", 0.25, 0.400, after=(), single_frame_cap=0.70),
+        _row("bottleneck_lstm", 0.25, 0.550, single_frame_cap=0.70),
+    ])
+    text = write_report("quick", "table3", "quick", runs, tmp_path / "reports").read_text()
+    assert "vs single-frame cap" in text
+    rows = _table_rows(text)
+    assert "| -30.0 |" in next(r for r in rows if ", none" in r)
+    assert "| -15.0 |" in next(r for r in rows if "bottleneck_lstm" in r)
+    assert "Single-frame cap: 70.0 mAP" in text
+    # real VID records carry no cap: no column
+    runs = _write(tmp_path / "vid", "quick", [_row("none", 0.25, 0.400, after=())])
+    assert "single-frame cap" not in write_report("quick", "table3", "quick", runs, tmp_path / "r2").read_text()
