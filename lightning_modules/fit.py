@@ -22,6 +22,7 @@ from datamodules.clips import DataConfig, EvalClipDataset, VidClipDataModule, co
 from lightning_modules.backbone import load_backbone
 from lightning_modules.config import validate_model
 from lightning_modules.ema import EMACallback
+from lightning_modules.speed import cpu_threads, prepare_module
 from lightning_modules.stages import init_from_checkpoint, read_net_state
 from lightning_modules.training import LSTMSSDModule, TrainConfig
 
@@ -190,6 +191,12 @@ def fit(model: Any, data: Optional[DataConfig] = None, train: Optional[TrainConf
     validate_model(model)
     data.validate()
     train.validate()
+    with cpu_threads(train):
+        return _fit(model, data, train, resume, root, callbacks, trainer_overrides)
+
+
+def _fit(model, data: DataConfig, train: TrainConfig, resume: bool, root: Optional[Path | str],
+         callbacks: Sequence[Callback], trainer_overrides: Optional[Dict[str, Any]]) -> FitResult:
     pl.seed_everything(train.seed, workers=True, verbose=False)
     ckpt_dir = Path(train.out_dir) / "checkpoints"
     last = ckpt_dir / LAST_CHECKPOINT
@@ -202,6 +209,7 @@ def fit(model: Any, data: Optional[DataConfig] = None, train: Optional[TrainConf
     summary = None if ckpt_path else initialise_weights(module, train)
     if summary:
         _say(summary)
+    prepare_module(module, train)
     checkpoint = StepCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", save_last=True, save_top_k=0, enable_version_counter=False,
                                  every_n_train_steps=train.checkpoint_every_n_steps, auto_insert_metric_name=False)
     extra: List[Callback] = [EMACallback(train.ema_decay, train.ema_warmup)] if train.ema_decay > 0 else []
@@ -220,12 +228,19 @@ def evaluate(model: Any, data: Optional[DataConfig] = None, train: Optional[Trai
     weights when it has them and use_ema is not False), or the seeded initialisation of `fit` when
     checkpoint is None. Returns the logged val*/ metrics."""
     model, data, train = _split(model, data, train)
+    with cpu_threads(train):
+        return _evaluate(model, data, train, checkpoint, use_ema, root, trainer_overrides)
+
+
+def _evaluate(model, data: DataConfig, train: TrainConfig, checkpoint: Optional[Path | str], use_ema: Optional[bool],
+              root: Optional[Path | str], trainer_overrides: Optional[Dict[str, Any]]) -> Dict[str, float]:
     pl.seed_everything(train.seed, workers=True, verbose=False)
     datamodule = TrainingDataModule(data, model.input_size, resolve_root(data, root), train.eval_clean_and_occluded)
     module = LSTMSSDModule(model, train)
     module.val_stream_names = datamodule.stream_names
     if checkpoint is not None:
         module.net.load_state_dict(read_net_state(checkpoint, use_ema))
+    prepare_module(module, train)
     kwargs: Dict[str, Any] = dict(accelerator=train.accelerator, devices=1, precision=train.precision, logger=False,
                                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     kwargs.update(trainer_overrides or {})

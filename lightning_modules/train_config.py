@@ -71,6 +71,11 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # e.g. ddp, ddp_spawn (gloo on CPU)
     precision: str = "32-true"  # or bf16-mixed, 16-mixed
+    # speed, same maths (lightning_modules/speed.py; measured by benchmarks/bench_training.py, README)
+    threads: int = 1  # torch intra-op threads while training/evaluating; 0: torch's default (one per core)
+    fold_bn: bool = True  # conv + eval BatchNorm (+ ReLU6) as one NHWC conv where no gradient flows (frozen base, eval)
+    channels_last: bool = False  # the whole net in NHWC: stage 1 faster, but CPU BatchNorm statistics less exact
+    compile: bool = False  # torch.compile the network (kernels cached under the tafm cache); slow first compile
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid key, its value and what is valid."""
@@ -89,6 +94,8 @@ class TrainConfig:
                     "checkpoint_every_n_steps", "log_every_n_steps", "devices", "num_nodes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.threads < 0:
+            raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
         if not 0.0 <= self.nms_iou <= 1.0:
             raise ValueError(f"train.nms_iou must be in [0, 1], got {self.nms_iou}")
         if self.max_steps < -1 or self.max_steps == 0:

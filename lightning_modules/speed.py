@@ -1,0 +1,156 @@
+"""How a stage trains faster on the same maths (float rounding aside): `train.threads`, `train.fold_bn`,
+`train.channels_last`, `train.compile`. `fit` applies them; so does the plain loop of
+benchmarks/bench_training.py, which measures each of them (README, "Training speed").
+
+- threads: torch's intra-op threads while a stage trains or evaluates. At this project's sizes an op
+  lasts microseconds, and with more threads each op ends at a barrier that waits for every thread: on a
+  machine where anything else runs, one descheduled thread stalls every op.
+- fold_bn: a conv + eval-mode BatchNorm (+ ReLU6) block through which no gradient flows (the frozen base
+  of stage 2, every block during validation) runs as one convolution with the BatchNorm folded into its
+  weights and bias, in NHWC, on CPU with the ReLU6 fused in (oneDNN). oneDNN's depthwise and few-channel
+  1x1 convolutions are several times faster in NHWC than in NCHW. A block that trains runs as before, in
+  the layout of its weights. Modules and state_dict keys are unchanged.
+- channels_last (off by default): the whole network in NHWC. Stage 1 trains ~1.3x faster, but the CPU
+  BatchNorm's NHWC statistics are a plain float sum over N*H*W: on the main job's first step the logits
+  moved by up to 0.6 (NCHW: 0.007) from a float64 reference, so it does not keep the maths.
+- compile (off by default): `torch.compile` of the network, kernels cached under the tafm cache; its
+  first compilation per model costs more than it saves in the main job (README).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Where torch.compile keeps its kernels between runs (unless TORCHINDUCTOR_CACHE_DIR is set).
+COMPILE_CACHE = "inductor"
+
+
+@contextlib.contextmanager
+def cpu_threads(train) -> Iterator[int]:
+    """torch's intra-op threads = train.threads inside the block (0: leave torch's default); restored after."""
+    previous = torch.get_num_threads()
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fusable_activation(module: Optional[nn.Module]) -> Optional[Tuple[str, List[float]]]:
+    """oneDNN's post-op name and scalars for an activation it can fuse into a convolution, else None."""
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+        return "hardtanh", [float(module.min_val), float(module.max_val)]
+    if isinstance(module, nn.ReLU):
+        return "relu", []
+    return None
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of conv followed by an eval-mode bn: w * g / sqrt(v + eps), beta + (b - mean) * g / sqrt(v + eps)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(scale)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    return conv.weight * scale.reshape(-1, 1, 1, 1), shift + (bias - bn.running_mean) * scale
+
+
+def _fused_conv(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Tensor, activation: Optional[nn.Module]) -> Tuple[Tensor, bool]:
+    """conv(x) with the folded weights, and whether `activation` was applied too (oneDNN post-op on CPU)."""
+    post = _fusable_activation(activation)
+    if (post is not None and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu") and isinstance(conv.padding, tuple)):
+        out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
+                                                      list(conv.dilation), conv.groups, post[0], post[1], "")
+        return out, True
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), False
+
+
+class FoldingSequential(nn.Sequential):
+    """An nn.Sequential of conv / BatchNorm / activation layers (same children, same state_dict) that runs each
+    conv + eval-mode BatchNorm pair as one folded convolution, in NHWC, whenever no gradient flows through the
+    block; otherwise exactly as nn.Sequential, in the layout of its weights (a BatchNorm that trains keeps the
+    NCHW statistics of a network not converted to channels_last)."""
+
+    #: layout of the activations when the block trains (channels_last when the whole network is converted)
+    train_layout: torch.memory_format = torch.contiguous_format
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._needs_grad(x):
+            return super().forward(x.contiguous(memory_format=self.train_layout))
+        with torch.no_grad():
+            return self._folded_forward(x.contiguous(memory_format=torch.channels_last))
+
+    def _folded_forward(self, x: Tensor) -> Tensor:
+        layers = list(self)
+        index = 0
+        while index < len(layers):
+            layer = layers[index]
+            after = layers[index + 1] if index + 1 < len(layers) else None
+            if isinstance(layer, nn.Conv2d) and isinstance(after, nn.BatchNorm2d) and not after.training \
+                    and after.track_running_stats and layer.padding_mode == "zeros":
+                weight, bias = _folded(layer, after)
+                activation = layers[index + 2] if index + 2 < len(layers) else None
+                x, fused = _fused_conv(x, layer, weight.contiguous(memory_format=torch.channels_last), bias,
+                                       activation)
+                index += 3 if fused else 2
+            else:
+                x = layer(x)
+                index += 1
+        return x
+
+
+def _foldable(module: nn.Module) -> bool:
+    layers = list(module)
+    return any(isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) for a, b in zip(layers, layers[1:]))
+
+
+def fold_batchnorms(net: nn.Module, channels_last: bool = False) -> int:
+    """Make every nn.Sequential of `net` with a conv + BatchNorm pair a FoldingSequential (in place, same
+    children and state_dict keys) that trains in NHWC when `channels_last`; returns how many."""
+    count = 0
+    for name, module in list(net.named_modules()):
+        if type(module) is nn.Sequential and _foldable(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            folding = FoldingSequential(OrderedDict(module.named_children()))
+            folding.train_layout = torch.channels_last if channels_last else torch.contiguous_format
+            setattr(parent, child, folding)
+            count += 1
+    return count
+
+
+def compile_network(net: nn.Module) -> None:
+    """torch.compile the network in place (state_dict keys unchanged), its kernels cached across runs."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from datamodules.synthetic import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir() / COMPILE_CACHE)
+    net.compile()
+
+
+def prepare_module(module, train) -> List[str]:
+    """Apply `train`'s speed settings to a LSTMSSDModule's network (and distillation teacher) in place;
+    returns what was applied, for the log."""
+    applied = []
+    nets = [module.net] + ([module.teacher.net] if getattr(module, "teacher", None) is not None
+                           and hasattr(module.teacher, "net") else [])
+    if train.fold_bn:
+        folded = sum(fold_batchnorms(net, train.channels_last) for net in nets)
+        applied.append(f"fold_bn ({folded} blocks)")
+    if train.channels_last:
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if train.compile:
+        compile_network(module.net)
+        applied.append("compile")
+    return applied
