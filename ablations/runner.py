@@ -47,6 +47,7 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single = copy.deepcopy(cfg)
     single.model.recurrent.type = RecurrentType.none
     single.model.recurrent.after = []
+    single.model.alpha_lstm = None  # no recurrent layer: Figure 4's widths share one stage 1
     single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
     if cfg.sweep.stage1_max_steps is not None:
         single.train.max_steps = cfg.sweep.stage1_max_steps

@@ -80,3 +80,12 @@ def test_search_suites_prune_their_trials(monkeypatch, tmp_path, suite, pruned):
         runner.run_trial(_cfg("bottleneck_lstm", "false"), ctx, "disabled", log=lambda s: None)
     assert [(type(c).__name__, c.trial, c.monitor) for c in seen] == (
         [("OptunaPruning", trial, "val/vid_map50")] if pruned else [])
+
+
+def test_lstm_widths_share_one_stage1(fits, tmp_path):
+    """Figure 4 varies alpha_lstm only: a width the single-frame SSD does not have must not retrain it."""
+    for width in ("0.0625", "0.25"):
+        cfg = _cfg("bottleneck_lstm", "false")
+        cfg.model.alpha_lstm = float(width)
+        trained_stage(cfg, tmp_path, log=lambda s: None)
+    assert [c.type for c in fits] == ["none", "bottleneck_lstm", "bottleneck_lstm"]
