@@ -83,6 +83,9 @@ class RecurrentConfig:
     fm_width_rule: WidthRule = WidthRule.quarter
     averaging_weight: float = 0.75  # paper Sec. 4.2: 0.75 * x_t + 0.25 * x_{t-1}
     init: CellInit = CellInit.random
+    # True: a Bottleneck-LSTM outputs as many channels as it takes in (N = M) at every placement, so the
+    # layers after it keep their stage-1 weights (the synthetic profile); False: the paper's widths
+    same_width: bool = False
 
 
 @dataclass

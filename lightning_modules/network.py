@@ -178,7 +178,7 @@ class LSTMSSD(nn.Module):
     def _cell_width(self, position: str, m: int, alpha_lstm: float) -> int:
         """Output width N of a recurrent layer with input width M at `position` (paper Sec. 3.3, 4.2)."""
         cfg = self.cfg
-        if cfg.recurrent.type != RecurrentType.bottleneck_lstm:
+        if cfg.recurrent.type != RecurrentType.bottleneck_lstm or cfg.recurrent.same_width:
             return m  # the other types are not designed for bottlenecking (paper Sec. 4.2)
         if position == "conv13":
             return depth(1024, alpha_lstm, cfg.min_depth)  # alpha_lstm * 1024 (paper Sec. 3.3)
