@@ -1,22 +1,25 @@
-"""Single-threaded latency of exported models, a roofline peak, and paper Table 7 rows (paper Sec. 4.5).
+"""Single-threaded latency of exported models, the core's roofline peak, and paper Table 7 rows (paper Sec. 4.5).
 
 The paper times single-threaded inference on one Pixel 2 core. Here an exported model (export.py)
 runs through its own runtime (ExecuTorch/XNNPACK or onnxruntime) with `threads` threads, this process
 pinned to as many cores from `pin_core` (restored afterwards), a warm-up, then `frames` frames with the
-state fed back. Achieved MAC/s = MACs per frame (lightning_modules/cost.py) / median time; the peak is
-the same runtime's MAC/s on large 1x1 convolutions (GEMMs), so achieved / peak says how far the
-network's depthwise-heavy layers sit below what the core can do.
+state fed back; `rounds` > 1 repeats that, models interleaved, and reports the spread. Achieved MAC/s =
+MACs per frame (lightning_modules/cost.py) / median time. The peak is the core's ceiling: the best
+single-core GEMM throughput any available runtime reaches on the same pinned cores (torch's MKL/oneDNN
+sgemm, ExecuTorch's XNNPACK, onnxruntime's MLAS; the report names the winner), so a model's share of it
+says how far its depthwise-heavy layers sit below what the core can do, and stays below 100%.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,13 +32,13 @@ DEFAULT_FRAMES = 200
 DEFAULT_WARMUP = 20
 DEFAULT_THREADS = 1
 DEFAULT_PIN_CORE = 0
-# Peak: a stack of PEAK_LAYERS 1x1 convs PEAK_CHANNELS -> PEAK_CHANNELS on PEAK_SIZE x PEAK_SIZE (2.1 GMAC of
-# GEMMs whose 2 MB activations stay in cache; one layer on 64x64 measured ~25% lower under XNNPACK, its 8 MB
-# NCHW<->NHWC copies at the delegate's edges counted in, so models scored above 100% of that "peak").
-PEAK_LAYERS = 8
-PEAK_CHANNELS = 512
-PEAK_SIZE = 32
-PEAK_REPEATS = 20
+# Peak: square GEMMs n x n x n for each n of PEAK_SIZES (the best of PEAK_REPEATS calls each), in every runtime
+# of PEAK_RUNTIMES that is installed. A runtime's 1x1-conv stack measured ~25-60% below the core's GEMM
+# ceiling here, and exported models then scored "above 100%" of it.
+PEAK_SIZES = (256, 512, 1024)
+PEAK_REPEATS = 10
+PEAK_RUNTIMES = ("torch", "executorch", "onnx")
+DEFAULT_ROUNDS = 1
 CLIP_FRAMES = 8  # distinct random frames cycled through during timing
 WEIGHTS_NOTE = "random-init weights: latency does not depend on weight values"
 
@@ -77,17 +80,29 @@ def set_executorch_threads(threads: int) -> int:
     return previous
 
 
+def available_runtimes() -> List[str]:
+    """The runtimes of PEAK_RUNTIMES installed here (torch always)."""
+    found = ["torch"]
+    for runtime, module in (("executorch", "executorch.runtime"), ("onnx", "onnxruntime")):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+            found.append(runtime)
+    return found
+
+
 @contextlib.contextmanager
-def _measuring(fmt: str, threads: int, pin_core: Optional[int]) -> Iterator[None]:
-    """Pin, then (ExecuTorch) size its global threadpool inside the pin so its workers start pinned; on exit
-    unpin first, then restore the pool, so the restored workers are not left on the pinned cores."""
-    previous = None
+def _measuring(runtimes: Sequence[str], threads: int, pin_core: Optional[int]) -> Iterator[None]:
+    """Pin, then size torch's threads and (ExecuTorch) its global threadpool inside the pin so its workers start
+    pinned; on exit unpin first, then restore both, so the restored workers are not left on the pinned cores."""
+    previous, torch_threads = None, torch.get_num_threads()
     try:
         with pinned(pin_core, threads):
-            if fmt == "executorch":
+            torch.set_num_threads(threads)
+            if "executorch" in runtimes:
                 previous = set_executorch_threads(threads)
             yield
     finally:
+        torch.set_num_threads(torch_threads)
         if previous is not None:
             set_executorch_threads(previous)
 
@@ -96,7 +111,7 @@ def _threads(threads: int) -> str:
     return f"{threads} thread{'s' if threads > 1 else ''}"
 
 
-def _placement(threads: int, pin_core: Optional[int]) -> str:
+def placement(threads: int, pin_core: Optional[int]) -> str:
     """e.g. "1 thread on core 0"."""
     where = "unpinned" if pin_core is None else (f"on core {pin_core}" if threads == 1
                                                   else f"on cores {pin_core}-{pin_core + threads - 1}")
@@ -113,47 +128,83 @@ def _time_calls(call, count: int) -> List[float]:
     return times
 
 
+RUNTIME_NAMES = {"torch": "torch (MKL/oneDNN sgemm)", "executorch": "ExecuTorch (XNNPACK)", "onnx": "onnxruntime (MLAS)"}
+
+
 @dataclass
 class PeakResult:
-    """A runtime's MAC/s on stacked large 1x1 convolutions (the roofline's compute ceiling)."""
+    """The core's compute ceiling: the best GEMM throughput of the fastest runtime, and every runtime's best."""
 
-    fmt: str
+    runtime: str
     threads: int
     macs: int
-    median_ms: float
-    what: str  # the convolutions timed
+    best_ms: float
+    what: str  # the GEMM timed
+    runtimes: Dict[str, float] = field(default_factory=dict)  # runtime -> its best MAC/s
 
     @property
     def macs_per_s(self) -> float:
-        return self.macs / (self.median_ms / 1e3)
+        return self.macs / (self.best_ms / 1e3)
+
+    def describe(self) -> str:
+        """e.g. "84.9 GMAC/s: torch (MKL/oneDNN sgemm), 1024x1024x1024 GEMM, 1 thread (ExecuTorch (XNNPACK) 70.2, ...)"."""
+        others = ", ".join(f"{RUNTIME_NAMES.get(r, r)} {v / 1e9:.1f}" for r, v in self.runtimes.items() if r != self.runtime)
+        return (f"{self.macs_per_s / 1e9:.1f} GMAC/s: {RUNTIME_NAMES.get(self.runtime, self.runtime)}, {self.what}, "
+                f"best of {PEAK_REPEATS} calls, {_threads(self.threads)}" + (f" (others: {others})" if others else ""))
 
     def format(self) -> str:
-        return (f"| peak ({self.fmt}, {self.what}, {_threads(self.threads)}) | "
-                f"{self.median_ms:.2f} ms | "
-                f"{self.macs / 1e9:.3f} GMAC | {self.macs_per_s / 1e9:.1f} GMAC/s |")
+        return (f"| peak ({RUNTIME_NAMES.get(self.runtime, self.runtime)}, {self.what}, {_threads(self.threads)}) | "
+                f"{self.best_ms:.2f} ms | {self.macs / 1e9:.3f} GMAC | {self.macs_per_s / 1e9:.1f} GMAC/s |")
 
 
-def measure_peak(fmt: str, threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
-                 channels: int = PEAK_CHANNELS, size: int = PEAK_SIZE, layers: int = PEAK_LAYERS,
-                 repeats: int = PEAK_REPEATS, warmup: int = 3) -> PeakResult:
-    """Export `layers` stacked 1x1 convs channels->channels on size x size the same way as the models
-    (same runtime, threads, pinning) and time them: the MAC/s the runtime reaches on plain GEMMs."""
-    if fmt not in FORMATS:
+def _export_gemm(runtime: str, n: int, folder: Path) -> Optional[Path]:
+    """An n x n x n GEMM exported for `runtime` as a bias-free Linear on an [n, n] input (None for torch)."""
+    if runtime == "torch":
+        return None
+    path = folder / f"gemm{n}{SUFFIX[runtime]}"
+    with torch.no_grad():
+        lower_to_file(nn.Linear(n, n, bias=False).eval(), (torch.randn(n, n),), path, runtime, ["x"], ["y"])
+    return path
+
+
+def _gemm(runtime: str, n: int, path: Optional[Path], threads: int) -> Callable[[int], object]:
+    """A call multiplying two n x n float matrices in `runtime` (loaded now: call it inside the pin)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    if runtime == "torch":
+        out = torch.empty(n, n)
+        return lambda i: torch.mm(a, b, out=out)
+    run = load_runtime(path, threads)
+    return lambda i: run([a])
+
+
+def measure_peak(fmt: Optional[str] = None, threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
+                 sizes: Sequence[int] = PEAK_SIZES, repeats: int = PEAK_REPEATS, warmup: int = 2,
+                 runtimes: Optional[Sequence[str]] = None) -> PeakResult:
+    """The core's GEMM ceiling: square GEMMs of each size in every available runtime (`fmt`, the runtime of the
+    model being judged, must be one of them), the same threads and pinning as the models, the best of
+    `repeats` calls each; the fastest runtime's best is the peak."""
+    present = available_runtimes()
+    chosen = [r for r in (runtimes or PEAK_RUNTIMES) if r in present]
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"measure_peak: format {fmt!r} is not supported; valid: {', '.join(FORMATS)}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"measure_peak: need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    conv = nn.Sequential(*[nn.Conv2d(channels, channels, 1, bias=False) for _ in range(layers)]).eval()
-    example = torch.randn(1, channels, size, size)
+    if fmt is not None and fmt not in chosen:
+        raise ValueError(f"measure_peak: runtime {fmt!r} is not installed here (found: {', '.join(present)})")
+    if repeats < 1 or warmup < 0 or not sizes:
+        raise ValueError(f"measure_peak: need sizes, repeats >= 1 and warmup >= 0, got {list(sizes)}, {repeats}, {warmup}")
+    rates: Dict[str, float] = {}
+    best: Dict[str, tuple] = {}
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"peak{SUFFIX[fmt]}"
-        with torch.no_grad():
-            lower_to_file(conv, (example,), path, fmt, ["x"], ["y"])
-        with _measuring(fmt, threads, pin_core):
-            run = load_runtime(path, threads)
-            _time_calls(lambda i: run([example]), warmup)
-            times = _time_calls(lambda i: run([example]), repeats)
-    return PeakResult(fmt, threads, layers * channels * channels * size * size, statistics.median(times),
-                      f"{layers} stacked 1x1 convs {channels}->{channels} on {size}x{size}")
+        paths = {(r, n): _export_gemm(r, n, Path(folder)) for r in chosen for n in sizes}
+        with _measuring(chosen, threads, pin_core):
+            for (runtime, n), path in paths.items():
+                call = _gemm(runtime, n, path, threads)
+                _time_calls(call, warmup)
+                ms = min(_time_calls(call, repeats))
+                if n ** 3 / (ms / 1e3) > rates.get(runtime, 0.0):
+                    rates[runtime], best[runtime] = n ** 3 / (ms / 1e3), (n, ms)
+    winner = max(rates, key=rates.get)
+    n, ms = best[winner]
+    return PeakResult(winner, threads, n ** 3, ms, f"{n}x{n}x{n} GEMM", rates)
 
 
 @dataclass
@@ -166,10 +217,11 @@ class LatencyResult:
     warmup: int
     threads: int
     pin_core: Optional[int]
-    median_ms: float
+    median_ms: float  # median of the rounds' medians
     p90_ms: float
     macs: int
     peak: Optional[PeakResult] = None
+    rounds: List[float] = field(default_factory=list)  # each round's median ms
 
     @property
     def macs_per_s(self) -> float:
@@ -180,12 +232,17 @@ class LatencyResult:
     def fraction_of_peak(self) -> Optional[float]:
         return None if self.peak is None else self.macs_per_s / self.peak.macs_per_s
 
+    def median_text(self) -> str:
+        """e.g. "4.51 [4.44-4.63]": the median and the range of the rounds' medians."""
+        spread = f" [{min(self.rounds):.2f}-{max(self.rounds):.2f}]" if len(self.rounds) > 1 else ""
+        return f"{self.median_ms:.2f}{spread}"
+
     HEADER = ("| model | runtime | median ms | p90 ms | GMAC/frame | achieved GMAC/s | of peak |\n"
               "| --- | --- | --- | --- | --- | --- | --- |")
 
     def row(self) -> str:
         fraction = "n/a" if self.fraction_of_peak is None else f"{100 * self.fraction_of_peak:.1f}%"
-        return (f"| {self.model} | {self.fmt}, {_placement(self.threads, self.pin_core)} | {self.median_ms:.2f} | "
+        return (f"| {self.model} | {self.fmt}, {placement(self.threads, self.pin_core)} | {self.median_text()} | "
                 f"{self.p90_ms:.2f} | {self.macs / 1e9:.3f} | {self.macs_per_s / 1e9:.2f} | {fraction} |")
 
     def as_dict(self) -> dict:
@@ -196,34 +253,59 @@ class LatencyResult:
     def format(self) -> str:
         lines = [self.HEADER, self.row()]
         if self.peak is not None:
-            lines.append(f"\npeak: {self.peak.macs_per_s / 1e9:.1f} GMAC/s ({self.peak.fmt}, {self.peak.what})")
-        lines.append(f"{self.frames} timed frames after {self.warmup} warm-up, state fed back; {cpu_name()}")
+            lines.append(f"\npeak: {self.peak.describe()}")
+        rounds = f" x {len(self.rounds)} rounds" if len(self.rounds) > 1 else ""
+        lines.append(f"{self.frames} timed frames{rounds} after {self.warmup} warm-up, state fed back; {cpu_name()}")
         return "\n".join(lines)
+
+
+class _Stream:
+    """An exported model loaded for timing: its runtime, a clip of random frames, the state fed back."""
+
+    def __init__(self, path: Union[str, Path], threads: int, seed: int) -> None:
+        self.meta = read_sidecar(path)
+        size = self.meta["input_size"]
+        generator = torch.Generator().manual_seed(seed)
+        self.clip = [torch.rand(1, 3, size, size, generator=generator) * 2 - 1 for _ in range(CLIP_FRAMES)]
+        self.state = [torch.zeros(spec["shape"]) for spec in self.meta["state"]]
+        self.run = load_runtime(path, threads)
+
+    def time(self, frames: int) -> List[float]:
+        def step(i: int) -> None:
+            self.state = self.run([self.clip[i % len(self.clip)], *self.state])[2:]
+        return _time_calls(step, frames)
+
+
+def measure_latencies(model_paths: Sequence[Union[str, Path]], frames: int = DEFAULT_FRAMES, warmup: int = DEFAULT_WARMUP,
+                      threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
+                      peak: Optional[PeakResult] = None, seed: int = 0, rounds: int = DEFAULT_ROUNDS) -> List[LatencyResult]:
+    """Median and p90 ms per frame of each exported model (its sidecar gives shapes and MACs), all loaded at once
+    with `threads` threads pinned from `pin_core` (None: unpinned): `warmup` frames each, then `rounds` rounds of
+    `frames` frames, the models interleaved in each round; the state is fed back every frame."""
+    if frames < 1 or warmup < 0 or threads < 1 or rounds < 1:
+        raise ValueError(f"measure_latency: need frames >= 1, warmup >= 0, threads >= 1, rounds >= 1; "
+                         f"got frames={frames}, warmup={warmup}, threads={threads}, rounds={rounds}")
+    fmts = [format_of(path) for path in model_paths]
+    for path in model_paths:
+        read_sidecar(path)  # a clear error before pinning anything
+    times: List[List[float]] = [[] for _ in model_paths]
+    medians: List[List[float]] = [[] for _ in model_paths]
+    with _measuring(fmts, threads, pin_core):
+        streams = [_Stream(path, threads, seed) for path in model_paths]
+        for stream in streams:
+            stream.time(warmup)
+        for _ in range(rounds):
+            for index, stream in enumerate(streams):
+                timed = stream.time(frames)
+                times[index] += timed
+                medians[index].append(statistics.median(timed))
+    return [LatencyResult(Path(path).name, fmt, frames, warmup, threads, pin_core, statistics.median(m),
+                          float(np.percentile(t, 90)), int(stream.meta["macs"]), peak, m)
+            for path, fmt, stream, t, m in zip(model_paths, fmts, streams, times, medians)]
 
 
 def measure_latency(model_path: Union[str, Path], frames: int = DEFAULT_FRAMES, warmup: int = DEFAULT_WARMUP,
                     threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
-                    peak: Optional[PeakResult] = None, seed: int = 0) -> LatencyResult:
-    """Median and p90 ms per frame of an exported model (its sidecar gives shapes and MACs), run with `threads`
-    threads pinned from `pin_core` (None: unpinned), after `warmup` frames; the state is fed back each frame."""
-    if frames < 1 or warmup < 0 or threads < 1:
-        raise ValueError(f"measure_latency: need frames >= 1, warmup >= 0, threads >= 1; "
-                         f"got frames={frames}, warmup={warmup}, threads={threads}")
-    fmt = format_of(model_path)
-    meta = read_sidecar(model_path)
-    size = meta["input_size"]
-    generator = torch.Generator().manual_seed(seed)
-    clip = [torch.rand(1, 3, size, size, generator=generator) * 2 - 1 for _ in range(CLIP_FRAMES)]
-    zero = [torch.zeros(spec["shape"]) for spec in meta["state"]]
-    state = list(zero)
-
-    def step(i: int) -> None:
-        nonlocal state
-        state = run([clip[i % len(clip)], *state])[2:]
-
-    with _measuring(fmt, threads, pin_core):
-        run = load_runtime(model_path, threads)
-        _time_calls(step, warmup)
-        times = _time_calls(step, frames)
-    return LatencyResult(Path(model_path).name, fmt, frames, warmup, threads, pin_core, statistics.median(times),
-                         float(np.percentile(times, 90)), int(meta["macs"]), peak)
+                    peak: Optional[PeakResult] = None, seed: int = 0, rounds: int = DEFAULT_ROUNDS) -> LatencyResult:
+    """`measure_latencies` of one model."""
+    return measure_latencies([model_path], frames, warmup, threads, pin_core, peak, seed, rounds)[0]

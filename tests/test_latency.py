@@ -10,8 +10,9 @@ from ablations import paper
 from lightning_modules.config import Arch, ModelConfig, RecurrentConfig, RecurrentType
 from lightning_modules.cost import count_cost
 from lightning_modules.export import export_model
-from ablations.latency_table import Table7, table7_models
-from lightning_modules.latency import LatencyResult, PeakResult, measure_latency, measure_peak, pinned
+from ablations.latency_table import Row, Table7, table7_models
+from lightning_modules.latency import (LatencyResult, PeakResult, available_runtimes, measure_latency, measure_peak,
+                                       pinned)
 from lightning_modules.network import create_model
 
 
@@ -43,15 +44,23 @@ def test_latency_needs_the_sidecar(tiny_onnx, tmp_path):
         measure_latency(copy, frames=1, warmup=0)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
-def test_peak_is_positive_and_restores_affinity_and_threads(fmt):
+def test_peak_is_the_fastest_runtimes_gemm_and_restores_affinity_and_threads():
     from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
 
-    affinity, pool = os.sched_getaffinity(0), _threadpool_get_thread_count()
-    peak = measure_peak(fmt, threads=1, pin_core=min(affinity), channels=64, size=16, layers=2, repeats=3, warmup=1)
-    print("\n" + peak.format())
-    assert peak.macs == 2 * 64 * 64 * 16 * 16 and peak.median_ms > 0 and peak.macs_per_s > 0
+    affinity, pool, threads = os.sched_getaffinity(0), _threadpool_get_thread_count(), torch.get_num_threads()
+    peak = measure_peak("executorch", threads=1, pin_core=min(affinity), sizes=(64, 128), repeats=3, warmup=1)
+    print("\n" + peak.describe())
+    assert set(peak.runtimes) == set(available_runtimes()) >= {"torch", "executorch", "onnx"}
+    assert peak.macs_per_s == max(peak.runtimes.values()) > 0 and peak.macs in (64 ** 3, 128 ** 3)
     assert os.sched_getaffinity(0) == affinity and _threadpool_get_thread_count() == pool
+    assert torch.get_num_threads() == threads
+
+
+def test_repeated_rounds_report_their_spread(tiny_onnx):
+    path, _ = tiny_onnx
+    result = measure_latency(path, frames=5, warmup=1, threads=1, pin_core=min(os.sched_getaffinity(0)), rounds=3)
+    assert len(result.rounds) == 3 and min(result.rounds) <= result.median_ms <= max(result.rounds)
+    assert f"[{min(result.rounds):.2f}-{max(result.rounds):.2f}]" in result.row()
 
 
 def test_pinning_rejects_a_core_outside_the_allowed_set():
@@ -74,11 +83,17 @@ def test_table7_models_are_the_papers_rows():
             assert tuple(cfg.recurrent.after) == paper.FINAL_PLACEMENT
 
 
-def test_table7_row_compares_with_the_papers_big_core():
-    peak = PeakResult("onnx", 1, 10**9, 20.0, "1x1 convs")
-    ours = LatencyResult("m.onnx", "onnx", 200, 20, 1, 0, median_ms=32.2, p90_ms=35.0, macs=10**9, peak=peak)
+def test_table7_row_compares_with_the_papers_big_core_and_lstm_with_mobilenet():
+    peak = PeakResult("torch", 1, 10**9, 10.0, "1000x1000x1000 GEMM", {"torch": 1e11, "onnx": 9e10})
+    def result(ms, rounds):
+        return LatencyResult("m.pte", "executorch", 200, 20, 1, 0, median_ms=ms, p90_ms=ms + 1, macs=10**9, peak=peak,
+                             rounds=rounds)
     paper_ms = paper.TABLE7[("lstm_ssd", 1.0)][0]
-    text = Table7([("LSTM-SSD (alpha=1, 320)", ours, paper_ms)], peak).format()
-    assert f"| {paper_ms:g} | {32.2 / paper_ms:.2f} |" in text
-    assert "| 62.1% |" in text  # (1e9 / 32.2 ms) / (1e9 / 20 ms)
-    assert "random-init weights" in text
+    rows = [Row("Mobilenet-SSD (alpha=1, 320)", ("mobilenet_ssd", 1.0), {"executorch": result(40.0, [40.0, 40.0, 40.0])},
+                paper.TABLE7[("mobilenet_ssd", 1.0)][0]),
+            Row("LSTM-SSD (alpha=1, 320)", ("lstm_ssd", 1.0), {"executorch": result(32.0, [32.0, 34.0, 30.0])}, paper_ms)]
+    text = Table7(rows, peak).format()
+    assert f"| 32.00 [30.00-34.00] | 33.0 | {paper_ms:g} | {32.0 / paper_ms:.2f} |" in text
+    assert "| 31.2% |" in text  # (1e9 / 32 ms) / (1e9 / 10 ms)
+    assert "| alpha=1, 320 | 0.80 [0.75-0.85] | 0.90 |" in text  # 32 / 40, and each round's ratio
+    assert "random-init weights" in text and "100.0 GMAC/s: torch" in text
