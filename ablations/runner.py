@@ -209,11 +209,6 @@ def single_frame_cap_metric(cfg: TafmConfig) -> Dict[str, float]:
 
 
 def _latency(cfg: TafmConfig, checkpoint: Path, run_dir: Path) -> Dict[str, float]:
-    from lightning_modules.export import export_model
-    from lightning_modules.latency import measure_latency
+    from ablations.latency_table import trial_latency
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "model.onnx"
-    export_model(checkpoint, out, "onnx")
-    result = measure_latency(out, frames=cfg.sweep.latency_frames)
-    return {"latency_ms_median": result.median_ms, "latency_ms_p90": result.p90_ms}
+    return trial_latency(checkpoint, run_dir, cfg.sweep.latency_frames)
