@@ -55,10 +55,12 @@ def _run_options(args: argparse.Namespace, overrides: Optional[List[str]] = None
 def _preflight(args: argparse.Namespace):
     """Everything a user can get wrong, checked once before any heavy import, study or training:
     arguments, the suite, every trial's config, the storage URL, the data roots. Returns (suite, overrides)."""
-    from ablations.preflight import check_data, check_profile, check_seeds, check_storage, trial_configs
+    from ablations.preflight import (check_data, check_profile, check_seeds, check_storage, check_workers,
+                                     trial_configs)
     from ablations.suite import load_suite
 
     check_seeds(args.seeds)
+    check_workers(getattr(args, "workers", 1))
     check_profile(args.profile, args.data_root)
     suite = load_suite(args.suite)
     overrides = list(args.set)
@@ -81,9 +83,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = _run_options(args, overrides)
     print(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; "
           f"records in {Path(options.runs_dir) / suite.name}")
+    helpers = _start_workers(args) if args.workers > 1 else []
     runner = run_search if suite.search else run_grid
     frame = runner(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
                    lambda delta: trial_config(options.overrides, delta))
+    if args.worker_only:
+        return 0
+    if helpers:
+        frame = _join_workers(helpers, suite, options)
     print(f"[{suite.name}] {len(frame)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if len(frame):
         _run_extras(suite, Path(options.runs_dir))
@@ -97,6 +104,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"tafm: error: {unfinished}", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_workers(args: argparse.Namespace) -> list:
+    """args.workers - 1 more `tafm run` processes on the same study: each claims grid points as the
+    harness hands them out (stage 1 is trained once, under its file lock), so trials use every core."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "ablations.cli", *args.argv, "--workers", "1", "--worker-only"]
+    return [subprocess.Popen(argv) for _ in range(args.workers - 1)]
+
+
+def _join_workers(helpers: list, suite, options):
+    """Wait for the helper workers, then the records of every trial they and this one finished."""
+    from ablations.harness import open_study, suite_dir, write_records
+
+    for helper in helpers:
+        helper.wait()
+    return write_records(open_study(suite, options), suite_dir(suite, options) / "results.csv")
 
 
 def _unfinished(suite, options, study) -> Optional[str]:
@@ -260,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="W&B mode (default: $WANDB_MODE, else offline)")
     run.add_argument("--data-root", default=None, help="ImageNet VID root (default: the synthetic benchmark)")
     run.add_argument("--report-dir", default="reports", help="where the suite's report is written (default: reports)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="trials run at once on this machine, each in its own process (default 1; 2 uses both "
+                          "cores of a 2-core laptop, since each training stage runs on one thread)")
+    run.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=_cmd_run)
 
     status = commands.add_parser("status", help="progress and records of a suite")
@@ -334,6 +363,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     try:
         return args.func(args)

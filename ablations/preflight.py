@@ -22,6 +22,11 @@ def check_seeds(seeds: int) -> None:
         raise UserError(f"--seeds must be >= 1 (seeds per grid point), got {seeds}")
 
 
+def check_workers(workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1 (trials run at once on this machine), got {workers}")
+
+
 def check_profile(profile: str, data_root: Optional[str]) -> None:
     if profile == "vid" and not data_root:
         raise UserError("--profile vid trains at the paper's settings on ImageNet VID: pass --data-root PATH")
