@@ -12,7 +12,8 @@ averaging, lstm, gru, bottleneck_lstm (4 clips x 10 frames, base frozen through 
 
 Each variant runs in its own process (benchmarks/training_worker.py) with its checkout's code: this
 checkout (`current`, with --set), one more per --compare (this checkout with those keys too), and
-`baseline` (--baseline PATH, e.g. `git worktree add /tmp/tafm-base <commit>`). Per setting: one warm-up step
+`baseline` (--baseline PATH, e.g. `git worktree add /tmp/tafm-base <commit>`; --baseline-threads N runs it with
+OMP_NUM_THREADS=N, to tell thread settings from the rest). Per setting: one warm-up step
 (its time, with any compilation, is printed apart), then --repeats rounds of --steps steps of a plain loop
 per variant in turn, then --fit-repeats runs of the checkout's fit() for 1 + --steps steps. Step times are
 medians; [a-b] is the range of the per-round medians; a speed-up is the median of per-round ratios. The
@@ -44,6 +45,7 @@ class Variant:
     name: str
     checkout: Path
     overrides: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
     log: Path = field(init=False)
     process: Any = field(init=False, default=None)
 
@@ -51,8 +53,8 @@ class Variant:
         self.log = folder / f"{self.name}.log"
         command = [sys.executable, str(HERE / "training_worker.py"), str(self.checkout)]
         command += [f"--set={item}" for item in self.overrides]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.log.open("w"), text=True, cwd=str(self.checkout))
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
+                                        text=True, cwd=str(self.checkout), env={**os.environ, **self.env})
 
     def ask(self, **request: Any) -> Dict[str, Any]:
         self.process.stdin.write(json.dumps(request) + "\n")
@@ -176,7 +178,8 @@ def _variants(args: argparse.Namespace) -> List[Variant]:
     for index, compare in enumerate(args.compare, start=1):
         variants.append(Variant(f"compare{index}", checkout, list(args.overrides) + compare.split(",")))
     if args.baseline is not None:
-        variants.append(Variant("baseline", args.baseline.resolve(), list(args.baseline_overrides)))
+        threads = {"OMP_NUM_THREADS": str(args.baseline_threads)} if args.baseline_threads else {}
+        variants.append(Variant("baseline", args.baseline.resolve(), list(args.baseline_overrides), threads))
     return variants
 
 
@@ -189,6 +192,8 @@ def main() -> None:
     parser.add_argument("--fit-repeats", type=int, default=1, help="interleaved fit() runs (0: skip Lightning)")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout, measured in the same run")
     parser.add_argument("--baseline-set", action="append", default=[], dest="baseline_overrides", metavar="KEY=VALUE")
+    parser.add_argument("--baseline-threads", type=int, default=0,
+                        help="OMP_NUM_THREADS for the baseline (a checkout without train.threads); 0: its default")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="config override for this checkout's variants")
     parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
@@ -198,7 +203,8 @@ def main() -> None:
     variants = _variants(args)
     folder = Path(tempfile.mkdtemp(prefix="bench-training-"))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; variants: "
-          + "; ".join(f"{v.name} = {v.checkout} {' '.join(v.overrides)}".rstrip() for v in variants))
+          + "; ".join(f"{v.name} = {v.checkout} {' '.join(v.overrides)} {' '.join(f'{k}={x}' for k, x in v.env.items())}"
+                      .rstrip() for v in variants))
     for v in variants:
         v.start(folder)
     try:

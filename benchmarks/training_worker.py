@@ -36,7 +36,6 @@ import torch  # noqa: E402
 from ablations.runner import stage1_config  # noqa: E402
 from ablations.suite import load_suite  # noqa: E402
 from lightning_modules import fit as fit_module  # noqa: E402
-from lightning_modules.network import create_model  # noqa: E402
 from lightning_modules.training import LSTMSSDModule  # noqa: E402
 
 try:
@@ -70,11 +69,14 @@ def _config(setting: str, overrides: List[str]):
 
 
 def _stage2_init(cfg, folder: Path) -> str:
-    """A seeded stage-1 network as the stage-2 init checkpoint (plain state dict: read_net_state takes it)."""
+    """A seeded stage-1 module saved as a Lightning checkpoint would be (raw and EMA net weights, and the hparams
+    a stage 2 that distils from its init checkpoint needs), as the stage-2 init checkpoint."""
     single = stage1_config(cfg)
     torch.manual_seed(cfg.train.seed)
-    path = folder / "stage1_init.pt"
-    torch.save(create_model(single.model).state_dict(), path)
+    module = LSTMSSDModule(single.model, single.train)
+    path = folder / "stage1_init.ckpt"
+    torch.save({"state_dict": module.state_dict(), "ema_state_dict": module.net.state_dict(),
+                "hyper_parameters": dict(module.hparams)}, path)
     return str(path)
 
 
@@ -121,6 +123,7 @@ class Worker:
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.batches = self._stream()
+        self.step = 0
 
     def _stream(self):
         loader = self.datamodule.train_dataloader()
@@ -138,7 +141,7 @@ class Worker:
             t1 = time.perf_counter()
             box_regression, class_logits, _ = self.module.net(batch["images"], None, batch["reset"])
             t2 = time.perf_counter()
-            loss = self.module.clip_loss(batch, box_regression, class_logits)["loss"]
+            loss = self._loss(batch, box_regression, class_logits)
             t3 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,6 +154,19 @@ class Worker:
                 phases[key].append(b - a)
             losses.append(float(loss.detach()))
         return {"phases": phases, "losses": losses}
+
+    def _loss(self, batch, box_regression, class_logits):
+        """The training step's loss: the multibox loss, plus distillation from the init checkpoint's network in
+        the first train.distill_steps steps where the checkout has it (as its training_step)."""
+        loss = self.module.clip_loss(batch, box_regression, class_logits)["loss"]
+        teacher = getattr(self.module, "teacher", None)
+        if teacher is not None and self.step < self.cfg.train.distill_steps:
+            from lightning_modules.distill import distillation_loss
+
+            distill = distillation_loss(box_regression, class_logits, teacher(batch["images"], batch["reset"]))
+            loss = loss + self.cfg.train.distill_weight * distill
+        self.step += 1
+        return loss
 
     def lightning(self, steps: int) -> Dict[str, Any]:
         """The same stage trained by the checkout's fit() for `steps` steps: seconds between batch starts."""
