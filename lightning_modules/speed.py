@@ -130,9 +130,12 @@ def fold_batchnorms(net: nn.Module, channels_last: bool = False) -> int:
 
 def compile_network(net: nn.Module) -> None:
     """torch.compile the network in place (state_dict keys unchanged), its kernels cached across runs."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from datamodules.synthetic import default_cache_dir
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
 
+    from datamodules.synthetic import default_cache_dir
+
+    # torch writes its /tmp default into the variable the first time anything asks; only a user's own value stays
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", torch_default()) == torch_default():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir() / COMPILE_CACHE)
     net.compile()
 
