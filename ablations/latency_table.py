@@ -44,7 +44,11 @@ def table7_models() -> List[tuple]:
 
 
 def installed(runtime: str) -> bool:
-    return importlib.util.find_spec(_MODULES[runtime]) is not None
+    """True if the runtime's Python package imports here (a dotted name whose parent is missing is not)."""
+    try:
+        return importlib.util.find_spec(_MODULES[runtime]) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 @dataclass
