@@ -151,9 +151,17 @@ def _run_extras(suite, runs_dir: Path) -> None:
         print(f"[{suite.name}] counting parameters and MACs for paper Tables 3-5 (fvcore)")
         (folder / "1_cost_tables.md").write_text("## Costs (paper Tables 3-5)\n\n" + cost_tables() + "\n")
     if suite.extras.get("table7"):
-        from ablations.latency_table import table7
+        from ablations.latency_table import installed, table7
 
         fmt = suite.extras["table7"]
+        if not installed(fmt):
+            fallback = next((r for r in ("executorch", "onnx") if installed(r)), None)
+            if fallback is None:
+                print(f"[{suite.name}] Table 7 skipped: neither ExecuTorch nor onnxruntime is installed")
+                return
+            print(f"[{suite.name}] {fmt} is not installed (pip install -e '.[mobile]' brings ExecuTorch): "
+                  f"Table 7 through {fallback}")
+            fmt = fallback
         print(f"[{suite.name}] exporting and timing paper Table 7's models ({fmt}, 1 thread, pinned)")
         (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt).format() + "\n")
 
