@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 class Arch(Enum):
@@ -163,3 +163,13 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.recurrent.averaging_weight must be in [0, 1], got {cfg.recurrent.averaging_weight}"
         )
+
+
+def as_config(cls: type, value: Any) -> Any:
+    """A dataclass config from itself, a dict or a DictConfig (checkpoint hparams are plain dicts)."""
+    from omegaconf import OmegaConf
+
+    if isinstance(value, cls):
+        return value
+    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(value or {}))
+    return OmegaConf.to_object(merged)

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.config import ModelConfig
+from lightning_modules.config import ModelConfig, as_config
 from lightning_modules.network import LSTMSSD, create_model
 from lightning_modules.stages import read_net_state
 
 
-def load_teacher(path: str | Path, use_ema: bool, as_config) -> LSTMSSD:
+def load_teacher(path: str | Path, use_ema: bool) -> LSTMSSD:
     """The network of a tafm checkpoint (its own model config from the hparams), frozen, in eval mode."""
     obj = torch.load(path, map_location="cpu", weights_only=False)
     hparams = obj.get("hyper_parameters", {}) if isinstance(obj, dict) else {}

@@ -23,7 +23,7 @@ from torch import Tensor
 from datamodules.metrics import VidEvaluator
 from datamodules.vid import CLASS_NAMES, normalized_to_pixel
 from lightning_modules.anchors import BoxCoder
-from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.config import ModelConfig, as_config, validate_model
 from lightning_modules.distill import Teacher, distillation_loss, load_teacher
 from lightning_modules.loss import MultiboxLoss
 from lightning_modules.network import create_model
@@ -31,14 +31,6 @@ from lightning_modules.optim import RMSpropTF, paper_lr_lambda
 from lightning_modules.postprocess import postprocess
 from lightning_modules.stages import freeze_base, frozen_batchnorms, keep_frozen_bn_eval
 from lightning_modules.train_config import FreezeMode, TrainConfig, resolve_lr  # noqa: F401  (re-exported)
-
-def as_config(cls: type, value: Any) -> Any:
-    """A dataclass config from itself, a dict or a DictConfig (checkpoint hparams are plain dicts)."""
-    if isinstance(value, cls):
-        return value
-    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(value or {}))
-    return OmegaConf.to_object(merged)
-
 
 def config_dict(cfg: Any) -> Dict[str, Any]:
     """Plain container of a config dataclass (enums as strings): what hparams and the logger store."""
@@ -73,7 +65,7 @@ class LSTMSSDModule(pl.LightningModule):
                                     negative_weight=self.train_cfg.negative_weight)
         self.teacher: Optional[Teacher] = None
         if self.train_cfg.stage == 2 and self.train_cfg.distill_steps > 0:
-            self.teacher = Teacher(load_teacher(self.train_cfg.init_checkpoint, self.train_cfg.init_from_ema, as_config))
+            self.teacher = Teacher(load_teacher(self.train_cfg.init_checkpoint, self.train_cfg.init_from_ema))
         self.frozen_layers: List[str] = []
         self.frozen_bn: List[str] = []
         if freeze != FreezeMode.none:
