@@ -13,8 +13,9 @@ the VID XML; detections in the same convention, floats allowed):
   gt), 101-point interpolated precision, mean over classes with ground truth. Score ties across
   frames are broken by update order (pycocotools: by image id).
 
-Per frame only (score, tp flag) per detection and the per-class gt count are kept; the stability
-records of ``datamodules.stability`` are kept per gt box.
+Per frame only (score, tp flag, video) per detection and the per-video, per-class gt count are kept;
+the stability records of ``datamodules.stability`` are kept per gt box. ``per_video()`` hands the
+devkit (score, tp) per detection with its video, what a paired bootstrap over videos needs.
 """
 from __future__ import annotations
 
@@ -202,7 +203,10 @@ class VidEvaluator:
         self._scores = [array("d") for _ in range(n)]
         self._vid_tp = [array("b") for _ in range(n)]
         self._coco_tp = [array("b") for _ in range(n)]  # 1 tp, 0 fp, -1 beyond max_dets
+        self._video_of = [array("i") for _ in range(n)]  # index into self._videos, per detection
         self._npos = np.zeros(n, dtype=np.int64)
+        self._videos: dict[str, int] = {}
+        self._npos_by_video: list[np.ndarray] = []
         self._seen: dict[str, set[int]] = {}
         self._num_frames = 0
         self._num_det = 0
@@ -231,12 +235,17 @@ class VidEvaluator:
         tids = None if gt_track_ids is None else _as_array(gt_track_ids, np.int64, "gt_track_ids")
         self._check_frame(video, int(frame_index), gtb, gtl, tids, db, ds, dl)
 
+        if video not in self._videos:
+            self._videos[video] = len(self._videos)
+            self._npos_by_video.append(np.zeros(self.num_classes + 1, dtype=np.int64))
+        video_id = self._videos[video]
         matched_det = np.full(gtb.shape, np.nan)  # per gt: box of the det that matched it (stability)
         for c in np.union1d(np.unique(gtl), np.unique(dl)).tolist():
             g_idx = np.nonzero(gtl == c)[0]
             d_idx = np.nonzero(dl == c)[0]
             d_idx = d_idx[np.argsort(-ds[d_idx], kind="stable")]
             self._npos[c] += g_idx.size
+            self._npos_by_video[video_id][c] += g_idx.size
             if d_idx.size == 0:
                 continue
             keep = min(d_idx.size, self.coco_max_dets)
@@ -250,6 +259,7 @@ class VidEvaluator:
             self._scores[c].frombytes(ds[d_idx].tobytes())
             self._vid_tp[c].frombytes((vid >= 0).astype(np.int8).tobytes())
             self._coco_tp[c].frombytes(coco.tobytes())
+            self._video_of[c].extend([video_id] * d_idx.size)
             if tids is not None and g_idx.size:
                 if self.stability_score_threshold > 0.0:
                     strong = ds[d_idx] >= self.stability_score_threshold
@@ -302,6 +312,23 @@ class VidEvaluator:
                 "(overlapping clips would count its boxes twice)"
             )
         seen.add(frame_index)
+
+    def per_video(self) -> dict[str, np.ndarray]:
+        """The devkit matches by video, for resampling videos: every detection's video index, class,
+        score and tp flag (in update order), the video names, and the gt count per video and class.
+
+        ``reports.significance`` recomputes ``vid_map50`` from these (exactly, with every video once).
+        """
+        classes = range(1, self.num_classes + 1)
+        return {
+            "video": np.concatenate([np.frombuffer(self._video_of[c], dtype=np.int32) for c in classes]).astype(np.int32),
+            "label": np.concatenate([np.full(len(self._scores[c]), c, dtype=np.int16) for c in classes]),
+            "score": np.concatenate([np.frombuffer(self._scores[c], dtype=np.float64) for c in classes]),
+            "tp": np.concatenate([np.frombuffer(self._vid_tp[c], dtype=np.int8) for c in classes]),
+            "videos": np.array(list(self._videos), dtype=str),
+            "npos": (np.stack(self._npos_by_video) if self._npos_by_video
+                     else np.zeros((0, self.num_classes + 1), dtype=np.int64)).astype(np.int32),
+        }
 
     def compute(self) -> dict[str, Any]:
         """Metrics over every frame so far (see class docstring); APs are 0.0 when nothing was seen."""

@@ -1,0 +1,155 @@
+"""Is a row's mAP difference from its suite's baseline real? A paired bootstrap over val videos.
+
+Each trial keeps, per evaluated stream, its devkit matches by video (`VideoMatches`: every
+detection's video, class, score and tp flag, and the gt count per video and class; written by
+`datamodules.metrics.VidEvaluator.per_video`). A resample draws the val videos with replacement;
+both models' VID mAP@0.5 are recomputed on that same sample (a video drawn k times counts k times:
+its detections and its gts), and the difference is kept. With several seeds each seed's pair is
+resampled and the differences are averaged, so the interval is that of the mean difference over
+seeds. The 95% interval is the 2.5th and 97.5th percentile of 1,000 (by default) seeded resamples;
+a row whose interval contains 0 is "not significant".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+#: The report's footer: how the intervals were computed.
+METHOD = ("Intervals: paired bootstrap over val videos ({resamples} seeded resamples, seed {seed}). A resample "
+          "draws the val videos with replacement; the row and the baseline are both re-scored (VID mAP@0.5 "
+          "from their kept per-video matches) on the same sample; with several seeds the per-seed differences "
+          "are averaged. Shown: the difference on all videos, mean over seeds, and the 2.5th-97.5th "
+          "percentile of the resampled differences; an interval containing 0 is marked not significant.")
+
+_FIELDS = ("video", "label", "score", "tp", "videos", "npos")
+_CELLS_PER_CHUNK = 20_000_000  # resamples x detections held at once (memory bound on large val sets)
+
+
+class SignificanceError(ValueError):
+    """Matches that cannot be compared (different val videos, a missing or malformed file)."""
+
+
+@dataclass(frozen=True)
+class VideoMatches:
+    """One trial's devkit matches on one stream, by video (see the module docstring)."""
+
+    video: np.ndarray  # [D] index into videos
+    label: np.ndarray  # [D] class id 1..C
+    score: np.ndarray  # [D]
+    tp: np.ndarray  # [D] 1 true positive, 0 false positive (devkit matching)
+    videos: np.ndarray  # [V] video names
+    npos: np.ndarray  # [V, C + 1] gt boxes per video and class (column 0 unused)
+
+    @classmethod
+    def from_arrays(cls, arrays: Dict[str, np.ndarray]) -> "VideoMatches":
+        missing = [name for name in _FIELDS if name not in arrays]
+        if missing:
+            raise SignificanceError(f"per-video matches lack {', '.join(missing)}; expected {', '.join(_FIELDS)}")
+        return cls(**{name: np.asarray(arrays[name]) for name in _FIELDS})
+
+    def save(self, path: Path | str) -> Path:
+        """Write a compressed .npz (a few hundred kB for a synthetic val set)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **{name: getattr(self, name) for name in _FIELDS})
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> "VideoMatches":
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                return cls.from_arrays({name: data[name] for name in data.files})
+        except (OSError, ValueError) as exc:
+            raise SignificanceError(f"{path}: cannot read per-video matches ({exc}); rerun the trial") from exc
+
+    def map50(self, counts: np.ndarray | None = None) -> np.ndarray | float:
+        """VID mAP@0.5 with video v counted counts[..., v] times; counts [R, V] gives R values."""
+        if counts is None:
+            return float(self.map50(np.ones((1, len(self.videos)), dtype=np.int64))[0])
+        return _resampled_map(self, np.asarray(counts, dtype=np.int64))
+
+
+def _resampled_map(m: VideoMatches, counts: np.ndarray) -> np.ndarray:
+    """[R] mAPs: per class, all-point AP (devkit VOCap) of the weighted precision/recall curve.
+
+    A video drawn k times weighs its detections k: a run of k copies of a true positive raises recall
+    in k steps whose interpolated precision all equal the precision after the run, so weighting the
+    cumulative sums is exact; classes without gt in a sample leave that sample's mean, as in
+    `VidEvaluator.compute`.
+    """
+    resamples = counts.shape[0]
+    ap_sum = np.zeros(resamples)
+    n_classes = np.zeros(resamples)
+    for c in range(1, m.npos.shape[1]):
+        npos = counts @ m.npos[:, c].astype(np.int64)  # [R]
+        has_gt = npos > 0
+        if not has_gt.any():
+            continue
+        sel = np.nonzero(m.label == c)[0]
+        order = sel[np.argsort(-m.score[sel], kind="stable")]
+        tp = m.tp[order].astype(np.float64)
+        vid = m.video[order]
+        ap = np.zeros(resamples)
+        if order.size:
+            step = max(1, _CELLS_PER_CHUNK // order.size)
+            for lo in range(0, resamples, step):
+                w = counts[lo:lo + step][:, vid].astype(np.float64)  # [r, D]
+                ctp = np.cumsum(w * tp, axis=1)
+                cfp = np.cumsum(w * (1.0 - tp), axis=1)
+                recall = ctp / np.maximum(npos[lo:lo + step, None], 1)
+                precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+                best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+                d_recall = np.diff(recall, axis=1, prepend=0.0)
+                ap[lo:lo + step] = np.sum(d_recall * best_after, axis=1)
+        ap_sum += np.where(has_gt, ap, 0.0)
+        n_classes += has_gt
+    return np.where(n_classes > 0, ap_sum / np.maximum(n_classes, 1), 0.0)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Row minus baseline, in mAP points: on all videos (mean over seeds) and its bootstrap interval."""
+
+    delta: float
+    low: float
+    high: float
+    seeds: int
+    resamples: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+    def __str__(self) -> str:
+        text = f"{self.delta:+.1f} [{self.low:+.1f}, {self.high:+.1f}]"
+        return text if self.significant else f"{text} not significant"
+
+
+def paired_bootstrap(pairs: Sequence[Tuple[VideoMatches, VideoMatches]], resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> Difference:
+    """Interval of mean(row - baseline) over seeds; pairs holds one (row, baseline) per seed.
+
+    Both members of a pair must be scored on the same val videos (same names, same order).
+    """
+    if not pairs:
+        raise SignificanceError("paired_bootstrap needs at least one (row, baseline) pair")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise SignificanceError(f"resamples must be >= 1 and level in (0, 1); got {resamples}, {level}")
+    rng = np.random.default_rng(seed)
+    deltas: List[float] = []
+    samples = np.zeros(resamples)
+    for row, base in pairs:
+        if list(row.videos) != list(base.videos):
+            raise SignificanceError("a row and its baseline were scored on different val videos "
+                                    f"({len(row.videos)} vs {len(base.videos)}); rerun both with the same data")
+        n = len(row.videos)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples) if n else np.zeros((resamples, 0), int)
+        deltas.append(100.0 * (row.map50() - base.map50()))
+        samples += 100.0 * (row.map50(counts) - base.map50(counts))
+    samples /= len(pairs)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(samples, [tail, 100.0 - tail])
+    return Difference(float(np.mean(deltas)), float(low), float(high), len(pairs), resamples)
