@@ -223,7 +223,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ablations.config import load_config
     from datamodules.vid import CLASS_NAMES
-    from lightning_modules.export import export_model, load_checkpoint
+    from lightning_modules.deploy.export import export_model, load_checkpoint
     from lightning_modules.network import create_model
 
     if args.checkpoint:
@@ -251,8 +251,8 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise ValueError("tafm latency: name an exported MODEL (.pte or .onnx) or pass --table7")
-    from lightning_modules.export import format_of
-    from lightning_modules.latency import measure_latency, measure_peak
+    from lightning_modules.deploy.export import format_of
+    from lightning_modules.deploy.latency import measure_latency, measure_peak
 
     peak = None if args.no_peak else measure_peak(format_of(args.model), args.threads, pin)
     result = measure_latency(args.model, args.frames, args.warmup, args.threads, pin, peak)

@@ -5,7 +5,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from ablations import paper
 from ablations.config import load_config
-from lightning_modules.cost import COUNTING_RULE, Cost, bottleneck_conv_macs, count_cost
+from lightning_modules.deploy.cost import COUNTING_RULE, Cost, bottleneck_conv_macs, count_cost
 from lightning_modules.network import create_model
 
 

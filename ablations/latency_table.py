@@ -3,7 +3,7 @@
 The headline runtime is the mobile one, ExecuTorch with the XNNPACK delegate; onnxruntime is a second column
 where it is installed. Every model runs in every runtime in one pinned process, models interleaved, `rounds`
 times (the spread is printed: these machines are shared and noisy), against the core's GEMM peak measured
-before and after by the fastest runtime available (lightning_modules/latency.py).
+before and after by the fastest runtime available (lightning_modules/deploy/latency.py).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 
 from ablations import paper
 from lightning_modules.config import Arch, ModelConfig, RecurrentConfig, RecurrentType
-from lightning_modules.export import SUFFIX, export_model
-from lightning_modules.latency import (DEFAULT_FRAMES, DEFAULT_PIN_CORE, DEFAULT_THREADS, DEFAULT_WARMUP, RUNTIME_NAMES,
+from lightning_modules.deploy.export import SUFFIX, export_model
+from lightning_modules.deploy.latency import (DEFAULT_FRAMES, DEFAULT_PIN_CORE, DEFAULT_THREADS, DEFAULT_WARMUP, RUNTIME_NAMES,
                                        WEIGHTS_NOTE, LatencyResult, PeakResult, cpu_name, measure_latencies,
                                        measure_peak, placement)
 from lightning_modules.network import create_model

@@ -23,7 +23,7 @@ from ablations.pruning import OptunaPruning
 from ablations.tracking import TrialRun
 from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
-from lightning_modules.cost import count_cost
+from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
 
 STAGES_DIR = "_stages"

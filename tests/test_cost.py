@@ -7,7 +7,7 @@ import pytest
 
 from ablations.cli import main
 from ablations.cost_table import model_cost
-from lightning_modules.cost import bottleneck_conv_macs, count_cost
+from lightning_modules.deploy.cost import bottleneck_conv_macs, count_cost
 from lightning_modules.network import create_model
 from ablations.config import load_config
 

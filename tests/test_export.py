@@ -9,7 +9,7 @@ import torch
 
 from lightning_modules.anchors import generate_anchors
 from lightning_modules.config import Arch, ModelConfig, RecurrentConfig, RecurrentType
-from lightning_modules.export import (DEFAULT_SCORE_TOL, OneFrameDetector, check_parity, export_model,
+from lightning_modules.deploy.export import (DEFAULT_SCORE_TOL, OneFrameDetector, check_parity, export_model,
                                       flat_model_config, load_checkpoint, load_runtime, model_config_from_dict,
                                       read_sidecar, save_plain_checkpoint)
 from lightning_modules.network import create_model

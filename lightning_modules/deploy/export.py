@@ -421,7 +421,7 @@ def read_sidecar(model_path: Union[str, Path]) -> dict:
 
 def _describe(detector: OneFrameDetector, cfg: ModelConfig, fmt: str, model_path: Path,
               class_names: Optional[Sequence[str]]) -> dict:
-    from lightning_modules.cost import count_cost
+    from lightning_modules.deploy.cost import count_cost
 
     size, anchors, classes = cfg.input_size, int(detector.anchors.shape[0]), cfg.num_classes
     state = [{"layer": s.layer, "field": s.field, "input": s.input_name, "output": s.output_name,

@@ -4,7 +4,7 @@ The paper times single-threaded inference on one Pixel 2 core. Here an exported 
 runs through its own runtime (ExecuTorch/XNNPACK or onnxruntime) with `threads` threads, this process
 pinned to as many cores from `pin_core` (restored afterwards), a warm-up, then `frames` frames with the
 state fed back; `rounds` > 1 repeats that, models interleaved, and reports the spread. Achieved MAC/s =
-MACs per frame (lightning_modules/cost.py) / median time. The peak is the core's ceiling: the best
+MACs per frame (lightning_modules/deploy/cost.py) / median time. The peak is the core's ceiling: the best
 single-core GEMM throughput any available runtime reaches on the same pinned cores (torch's MKL/oneDNN
 sgemm, ExecuTorch's XNNPACK, onnxruntime's MLAS; the report names the winner), so a model's share of it
 says how far its depthwise-heavy layers sit below what the core can do, and stays below 100%.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.export import FORMATS, SUFFIX, format_of, load_runtime, lower_to_file, read_sidecar
+from lightning_modules.deploy.export import FORMATS, SUFFIX, format_of, load_runtime, lower_to_file, read_sidecar
 
 #: Defaults of the measurement (one place).
 DEFAULT_FRAMES = 200
