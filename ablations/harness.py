@@ -29,6 +29,8 @@ from filelock import FileLock
 from optuna.trial import TrialState
 
 from ablations.config import UserError
+from ablations.records import TrialRecord, from_trial, write_results
+from ablations.records import records_frame as to_frame
 from ablations.suite import Suite, TrialPoint
 
 MAX_RETRIES = 3
@@ -292,62 +294,106 @@ def _record(ctx: TrialContext, cfg: Any, metrics: Dict[str, Any], wall_time: flo
             "config": to_flat_dict(cfg), "wall_time_s": round(wall_time, 2), **provenance()}
 
 
+def study_records(study: optuna.Study) -> List[TrialRecord]:
+    """One record per finished trial (complete or pruned), from the study's user attributes."""
+    return [from_trial(t.number, t.state.name, t.value, t.user_attrs["record"])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.user_attrs.get("record")]
+
+
 def records_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per finished trial (complete or pruned), from the study's records."""
-    rows = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        record = trial.user_attrs.get("record")
-        if not record:
-            continue
-        row = {"key": record["key"], "trial": trial.number, "state": trial.state.name, "seed": record["seed"],
-               "value": trial.value, "wall_time_s": record["wall_time_s"], "git_commit": record.get("git_commit"),
-               "machine": record.get("machine"),
-               "versions": json.dumps(record.get("versions", {}), sort_keys=True)}
-        row.update({f"axis.{k}": v for k, v in record["labels"].items()})
-        row.update({f"metric.{k}": v for k, v in record["metrics"].items()})
-        row.update({f"config.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
-                    for k, v in record["config"].items()})
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
+    """The study's records as the results table (one row per finished trial)."""
+    return to_frame(study_records(study))
 
 
-def write_records(study: optuna.Study, path: Path) -> pd.DataFrame:
-    """Rewrite the suite's results table atomically (a crash never leaves half a file)."""
-    frame = records_frame(study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return frame
+def write_records(study: optuna.Study, path: Path) -> List[TrialRecord]:
+    """Rewrite the suite's results table from the study; returns the records."""
+    records = study_records(study)
+    write_results(records, path)
+    return records
 
 
-def run_grid(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
-             log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Work through the suite's grid (x seeds) until no trial is left; returns the records."""
+@dataclass
+class _Claimed:
+    """A claimed trial, ready to run: its context and its config delta."""
+
+    ctx: TrialContext
+    delta: Dict[str, Any]
+
+
+class GridPoints:
+    """Hands out the suite's grid (x seeds): every key exactly once, a dead worker's key again."""
+
+    def __init__(self, suite: Suite, options: RunOptions, study: optuna.Study, log: Callable[[str], None]):
+        self.suite, self.options, self.study, self.log = suite, options, study, log
+        self.keys = grid_keys(suite, options)
+        self.total = len(self.keys)
+
+    def claim(self) -> Optional[optuna.trial.Trial]:
+        recovered = recover_dead_trials(self.study)
+        if recovered:
+            self.log(f"[{self.suite.name}] {recovered} interrupted trial(s) will be retried")
+        enqueue_missing(self.study, self.keys)
+        return _claim(self.study)
+
+    def prepare(self, trial: optuna.trial.Trial) -> _Claimed:
+        key = trial.user_attrs["key"]
+        point, seed = self.keys[key]
+        run_dir = suite_dir(self.suite, self.options) / "trials" / key
+        ctx = TrialContext(self.suite, key, point, seed, point.labels, run_dir, trial, self.options)
+        return _Claimed(ctx, {**self.suite.delta(self.options.profile, point.overrides), "seed": seed})
+
+
+class SearchPoints:
+    """TPE over the suite's search space until `search.trials` trials are finished (across workers)."""
+
+    def __init__(self, suite: Suite, options: RunOptions, study: optuna.Study, log: Callable[[str], None]):
+        self.suite, self.options, self.study = suite, options, study
+        self.total = int(suite.search["trials"])
+        self.failed_before = _failures(study)
+
+    def claim(self) -> Optional[optuna.trial.Trial]:
+        recover_dead_trials(self.study)
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        done = [t for t in self.study.get_trials(deepcopy=False) if t.state in live]
+        if len(done) >= self.total or _failures(self.study) - self.failed_before >= MAX_RETRIES:  # failing again and again
+            return None
+        trial = self.study.ask()
+        trial.set_user_attr("key", f"search-{trial.number:04d}")
+        _own(trial)
+        return trial
+
+    def prepare(self, trial: optuna.trial.Trial) -> _Claimed:
+        key = trial.user_attrs["key"]
+        params = _suggest(trial, self.suite.search["space"])
+        labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
+        ctx = TrialContext(self.suite, key, None, 0, labels, suite_dir(self.suite, self.options) / "trials" / key,
+                           trial, self.options)
+        return _Claimed(ctx, {**self.suite.delta(self.options.profile, params), "seed": 0})
+
+
+def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
+              log: Callable[[str], None] = print) -> List[TrialRecord]:
+    """Claim and run trials (the grid's points, or TPE's) until none is left or `options.max_trials`
+    are done; returns the records of every finished trial of the study."""
     study = open_study(suite, options)
-    keys = grid_keys(suite, options)
+    points = (SearchPoints if suite.search else GridPoints)(suite, options, study, log)
     results = suite_dir(suite, options) / "results.csv"
     durations: List[float] = []
     finished = 0
     while options.max_trials is None or finished < options.max_trials:
         with study_lock(suite, options, study):
-            recovered = recover_dead_trials(study)
-            if recovered:
-                log(f"[{suite.name}] {recovered} interrupted trial(s) will be retried")
-            enqueue_missing(study, keys)
-            trial = _claim(study)
+            trial = points.claim()
         if trial is None:
             break
-        key = trial.user_attrs["key"]
-        point, seed = keys[key]
-        overrides = suite.delta(options.profile, point.overrides)
-        cfg = _trial_config(study, trial, make_config, {**overrides, "seed": seed})
-        run_dir = suite_dir(suite, options) / "trials" / key
-        ctx = TrialContext(suite, key, point, seed, point.labels, run_dir, trial, options)
-        _run_and_record(study, trial, ctx, cfg, trial_fn, durations, len(keys), results, log)
+        claimed = points.prepare(trial)
+        cfg = _trial_config(study, trial, make_config, claimed.delta)
+        _run_and_record(study, trial, claimed.ctx, cfg, trial_fn, durations, points.total, results, log)
         finished += 1
     return write_records(study, results)
+
+
+run_grid = run_search = run_study  # the suite says which: a `search:` block or a grid
 
 
 def _trial_config(study: optuna.Study, trial: optuna.trial.Trial, make_config: Callable[[Dict[str, Any]], Any],
@@ -404,31 +450,3 @@ def _suggest(trial: optuna.trial.Trial, space: Dict[str, Any]) -> Dict[str, Any]
         else:
             values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
     return values
-
-
-def run_search(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
-               log: Callable[[str], None] = print) -> pd.DataFrame:
-    """TPE over the suite's search space until `search.trials` trials are finished (across workers)."""
-    study = open_study(suite, options)
-    total = int(suite.search["trials"])
-    failed_before = _failures(study)
-    results = suite_dir(suite, options) / "results.csv"
-    durations: List[float] = []
-    finished = 0
-    while options.max_trials is None or finished < options.max_trials:
-        with study_lock(suite, options, study):
-            recover_dead_trials(study)
-            done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
-            if len(done) >= total or _failures(study) - failed_before >= MAX_RETRIES:  # failing again and again
-                break
-            trial = study.ask()
-            key = f"search-{trial.number:04d}"
-            trial.set_user_attr("key", key)
-            _own(trial)
-        params = _suggest(trial, suite.search["space"])
-        labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
-        cfg = _trial_config(study, trial, make_config, {**suite.delta(options.profile, params), "seed": 0})
-        ctx = TrialContext(suite, key, None, 0, labels, suite_dir(suite, options) / "trials" / key, trial, options)
-        _run_and_record(study, trial, ctx, cfg, trial_fn, durations, total, results, log)
-        finished += 1
-    return write_records(study, results)

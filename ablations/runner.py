@@ -20,6 +20,7 @@ from ablations.config import TafmConfig, UserError, to_flat_dict
 from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
+from ablations.records import occluded_name
 from ablations.tracking import TrialRun
 from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
@@ -139,7 +140,7 @@ def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, lis
         occluded.data.occlusion_p = float(p)
         occluded.train.eval_clean_and_occluded = False
         for key, value in evaluate(occluded.model, occluded.data, occluded.train, checkpoint=checkpoint).items():
-            metrics[f"occ{p}/{key.split('/', 1)[1]}"] = value
+            metrics[occluded_name(p, key)] = value
     return metrics
 
 
@@ -209,6 +210,6 @@ def single_frame_cap_metric(cfg: TafmConfig) -> Dict[str, float]:
 
 
 def _latency(cfg: TafmConfig, checkpoint: Path, run_dir: Path) -> Dict[str, float]:
-    from ablations.latency_table import trial_latency
+    from ablations.extras.latency_table import trial_latency
 
     return trial_latency(checkpoint, run_dir, cfg.sweep.latency_frames)

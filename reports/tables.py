@@ -13,34 +13,33 @@ from typing import Dict, List, Optional, Tuple
 import pandas as pd
 
 from ablations import paper
+from ablations.records import TrialRecord, read_results
 
 METRIC_NAME = "VID mAP@0.5 (ILSVRC devkit rules: per-box threshold for small boxes), in %"
-MAP = "metric.val/vid_map50"
+MAP = "val/vid_map50"
 
 
 class ReportError(ValueError):
     """No records, or records that do not fit the table."""
 
 
-def load_records(runs_dir: Path, suite: str) -> pd.DataFrame:
+def load_records(runs_dir: Path, suite: str) -> List[TrialRecord]:
+    """The suite's completed trials (runs/<suite>/results.csv)."""
     path = Path(runs_dir) / suite / "results.csv"
     if not path.is_file():
         raise ReportError(f"no records for suite {suite!r} at {path}; run `tafm run {suite}` first")
-    frame = pd.read_csv(path)
-    if frame.empty:
+    records = read_results(path)
+    if not records:
         raise ReportError(f"{path} has no finished trial yet; run `tafm run {suite}`")
-    return frame[frame["state"] == "COMPLETE"] if "state" in frame else frame
+    return [r for r in records if r.state == "COMPLETE"]
 
 
-def _cfg(row: pd.Series, key: str):
-    value = row.get(f"config.{key}")
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value
+def _cfg(record: TrialRecord, key: str):
+    return record.config.get(key)
 
 
-def _cell(values: pd.Series, scale: float = 100.0) -> Tuple[Optional[float], str]:
-    values = values.dropna() * scale
+def _cell(values: List[Optional[float]], scale: float = 100.0) -> Tuple[Optional[float], str]:
+    values = pd.Series([v for v in values if v is not None], dtype=float) * scale
     if values.empty:
         return None, "–"
     if len(values) == 1:
@@ -56,7 +55,7 @@ def _paper(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:g}"
 
 
-def _row_key(row: pd.Series) -> Dict[str, object]:
+def _row_key(row: TrialRecord) -> Dict[str, object]:
     """The paper-facing identity of a trial: arch, alpha, recurrent type and placement."""
     kind = _cfg(row, "model.recurrent.type")
     after = tuple(_cfg(row, "model.recurrent.after") or ()) if kind != "none" else ()
@@ -90,55 +89,53 @@ def _label(key: Dict[str, object]) -> str:
     return f"{name}, {kind}" + (f" after {where}" if kind != "none" else "")
 
 
-def _groups(frame: pd.DataFrame) -> List[Tuple[Dict[str, object], pd.DataFrame]]:
-    groups: Dict[str, Tuple[Dict[str, object], List[int]]] = {}
-    for index, row in frame.iterrows():
-        key = _row_key(row)
-        ident = json.dumps(key, sort_keys=True, default=str)
-        groups.setdefault(ident, (key, []))[1].append(index)
-    return [(key, frame.loc[rows]) for key, rows in groups.values()]
+def _groups(records: List[TrialRecord]) -> List[Tuple[Dict[str, object], List[TrialRecord]]]:
+    groups: Dict[str, Tuple[Dict[str, object], List[TrialRecord]]] = {}
+    for record in records:
+        key = _row_key(record)
+        groups.setdefault(json.dumps(key, sort_keys=True, default=str), (key, []))[1].append(record)
+    return list(groups.values())
 
 
-def suite_table(table: str, frame: pd.DataFrame) -> List[str]:
+def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
     """The markdown rows of one suite's table, in the paper's layout where it has one."""
-    # runner records occluded evaluations as metric.occ<p>/vid_map50
-    occlusion = sorted((float(c[len("metric.occ"):].split("/")[0]), c) for c in frame.columns
-                       if c.startswith("metric.occ") and c.endswith("/vid_map50"))
+    occlusion = sorted({p for r in records for p in r.occlusions if r.metric(MAP, p) is not None})
     header = ["model", "seeds", "mAP (ours)", "paper", "delta"]
-    for p, _ in occlusion:
+    for p in occlusion:
         header += [f"mAP p={p:g} (ours)", "paper", "delta"]
-    cap = _cell(frame["metric.single_frame_cap"])[0] if "metric.single_frame_cap" in frame else None
+    cap = _cell([r.metric("single_frame_cap") for r in records])[0]
     if cap is not None:
         header += ["vs single-frame cap"]
     header += ["COCO AP50 (ours)", "params M", "MACs B"]
     if table == "table3":
         header += ["recurrent params M", "paper", "recurrent MACs M", "paper"]
-    if "metric.latency_ms_median" in frame:
+    latency = any("latency_ms_median" in r.latency for r in records)
+    if latency:
         header += ["latency ms (ours, median)", "Pixel 2 big core ms", "ours / paper"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     baseline, control = None, False
-    for key, rows in _groups(frame):
-        ours, text = _cell(rows[MAP])
+    for key, rows in _groups(records):
+        ours, text = _cell([r.metric(MAP) for r in rows])
         cells = [_label(key), str(len(rows)), text, _paper(_paper_map(table, key)), _delta(ours, _paper_map(table, key))]
-        for p, column in occlusion:
-            value, text_p = _cell(rows[column])
+        for p in occlusion:
+            value, text_p = _cell([r.metric(MAP, p) for r in rows])
             theirs = _paper_map(table, key, p) if table == "table6" else None
             cells += [text_p, _paper(theirs), _delta(value, theirs)]
         if cap is not None:
             cells += [_delta(ours, cap)]
-        cells += [_cell(rows.get("metric.val/coco_ap50", pd.Series(dtype=float)))[1],
-                  f"{rows['metric.params'].iloc[0] / 1e6:.3f}", f"{rows['metric.macs'].iloc[0] / 1e9:.3f}"]
+        cells += [_cell([r.metric("val/coco_ap50") for r in rows])[1],
+                  f"{rows[0].costs['params'] / 1e6:.3f}", f"{rows[0].costs['macs'] / 1e9:.3f}"]
         if table == "table3":
             theirs = paper.TABLE3.get((key["alpha"], key["type"]), (None, None, None))
-            cells += [f"{rows['metric.params_recurrent'].iloc[0] / 1e6:.3f}", _paper(theirs[1]),
-                      f"{rows['metric.macs_recurrent'].iloc[0] / 1e6:.1f}", _paper(theirs[2])]
-        if "metric.latency_ms_median" in frame:
-            mine = float(rows["metric.latency_ms_median"].median())
+            cells += [f"{rows[0].costs['params_recurrent'] / 1e6:.3f}", _paper(theirs[1]),
+                      f"{rows[0].costs['macs_recurrent'] / 1e6:.1f}", _paper(theirs[2])]
+        if latency:
+            mine = float(pd.Series([r.latency.get("latency_ms_median") for r in rows], dtype=float).median())
             theirs = paper.TABLE7.get((key["arch"], key["alpha"]), (None,))[0]
             cells += [f"{mine:.1f}", _paper(theirs), "–" if theirs is None else f"{mine / theirs:.2f}"]
         if key["type"] == "none":
             baseline = ours
-            control = str(_cfg(rows.iloc[0], "sweep.single_frame_stage2")).lower() == "true"
+            control = str(_cfg(rows[0], "sweep.single_frame_stage2")).lower() == "true"
         lines.append("| " + " | ".join(cells) + " |")
     if cap is not None:
         lines += ["", f"Single-frame cap: {cap:.1f} mAP. An oracle that localises every object perfectly but, like any "
@@ -153,14 +150,14 @@ def suite_table(table: str, frame: pd.DataFrame) -> List[str]:
     return lines
 
 
-def figure4(frame: pd.DataFrame, out: Path) -> Path:
+def figure4(records: List[TrialRecord], out: Path) -> Path:
     """Figure 4: mAP against the LSTM's output channels (alpha_lstm * 1024), as a PNG line plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted((float(_cfg(r, "model.alpha_lstm")) * 1024, float(r[MAP]) * 100) for _, r in frame.iterrows())
+    points = sorted((float(_cfg(r, "model.alpha_lstm")) * 1024, float(r.metric(MAP)) * 100) for r in records)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
     ax.set_xscale("log", base=2)
@@ -175,33 +172,33 @@ def figure4(frame: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def _provenance(frame: pd.DataFrame) -> List[str]:
-    roots = {str(v) for v in frame.get("config.data.root", pd.Series(dtype=object)).dropna()}
+def _provenance(records: List[TrialRecord]) -> List[str]:
+    roots = {str(r.config["data.root"]) for r in records if r.config.get("data.root") is not None}
     dataset = ", ".join(sorted(roots)) if roots else "the synthetic VID benchmark (tafm data synth defaults)"
-    commits = ", ".join(sorted({str(c) for c in frame["git_commit"].dropna()})) or "unknown"
-    machines = ", ".join(sorted({str(m) for m in frame.get("machine", pd.Series(dtype=object)).dropna()})) or "unknown"
-    seeds = sorted({int(s) for s in frame["seed"]})
+    commits = ", ".join(sorted({str(r.provenance.git_commit) for r in records if r.provenance.git_commit})) or "unknown"
+    machines = ", ".join(sorted({str(r.provenance.machine) for r in records if r.provenance.machine})) or "unknown"
+    seeds = sorted({int(r.seed) for r in records})
     return [f"- Metric: {METRIC_NAME}; COCO AP@0.5 as a second column.",
             f"- Dataset: {dataset}. The paper's numbers are ImageNet VID minival: on the synthetic benchmark the "
             "absolute values are not comparable; compare the ordering of the rows with the paper's (whether it "
             "matches is a finding of this run, not a given).",
-            f"- Seeds: {seeds}; trials: {len(frame)}; commit: {commits}; machine: {machines}.",
+            f"- Seeds: {seeds}; trials: {len(records)}; commit: {commits}; machine: {machines}.",
             f"- Generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the suite's records."]
 
 
 def write_report(suite: str, table: str, description: str, runs_dir: Path, out_dir: Path) -> Path:
     """Write reports/<suite>/README.md (and fig4.png for Figure 4); returns the README path. Sections the
     run measured besides the trials (runs/<suite>/extras/*.md: cost tables, Table 7) are appended."""
-    frame = load_records(runs_dir, suite)
+    records = load_records(runs_dir, suite)
     lines = [f"# {suite}: {description}", ""]
     target = Path(out_dir) / suite
     if table == "fig4":
-        figure4(frame, target / "fig4.png")
+        figure4(records, target / "fig4.png")
         lines += ["![Figure 4](fig4.png)", ""]
-    lines += suite_table(table, frame)
+    lines += suite_table(table, records)
     for extra in sorted((Path(runs_dir) / suite / "extras").glob("*.md")):
         lines += ["", extra.read_text().rstrip()]
-    lines += ["", "## Provenance", ""] + _provenance(frame)
+    lines += ["", "## Provenance", ""] + _provenance(records)
     target.mkdir(parents=True, exist_ok=True)
     readme = target / "README.md"
     readme.write_text("\n".join(lines) + "\n")
