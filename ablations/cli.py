@@ -15,7 +15,7 @@ from typing import List, Optional
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
-    from ablations.cost_table import cost_tables, format_cost, model_cost
+    from ablations.extras.cost_table import cost_tables, format_cost, model_cost
 
     if args.table:
         print(cost_tables())
@@ -45,125 +45,26 @@ def _cmd_suites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(args: argparse.Namespace, overrides: Optional[List[str]] = None):
-    from ablations.harness import RunOptions
+def _request(args: argparse.Namespace):
+    from ablations.pipeline import SuiteRequest
 
-    return RunOptions(runs_dir=Path(args.runs_dir), storage=args.storage, profile=args.profile, seeds=args.seeds,
-                      overrides=list(args.set) if overrides is None else overrides, max_trials=args.max_trials)
-
-
-def _preflight(args: argparse.Namespace):
-    """Everything a user can get wrong, checked once before any heavy import, study or training:
-    arguments, the suite, every trial's config, the storage URL, the data roots. Returns (suite, overrides)."""
-    from ablations.preflight import (check_data, check_profile, check_seeds, check_storage, check_workers,
-                                     trial_configs)
-    from ablations.suite import load_suite
-
-    check_seeds(args.seeds)
-    check_workers(getattr(args, "workers", 1))
-    check_profile(args.profile, args.data_root)
-    suite = load_suite(args.suite)
-    overrides = list(args.set)
-    if args.data_root:
-        overrides.append(f"data.root={Path(args.data_root).resolve()}")
-    configs = trial_configs(suite, args.profile, overrides)
-    check_storage(args.storage)
-    check_data(configs)
-    return suite, overrides
+    return SuiteRequest(args.suite, list(args.set), args.seeds, args.storage, getattr(args, "workers", 1),
+                        Path(args.runs_dir), args.profile, getattr(args, "data_root", None),
+                        getattr(args, "wandb", None), Path(getattr(args, "report_dir", "reports")), args.max_trials)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    suite, overrides = _preflight(args)
-    from ablations.harness import open_study, run_grid, run_search
-    from ablations.runner import run_trial
-    from ablations.suite import trial_config
-    from ablations.tracking import resolve_mode, sync_command
+    from ablations.pipeline import run_request, unfinished
 
-    mode = resolve_mode(args.wandb)
-    options = _run_options(args, overrides)
-    print(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; "
-          f"records in {Path(options.runs_dir) / suite.name}")
-    helpers = _start_workers(args) if args.workers > 1 else []
-    runner = run_search if suite.search else run_grid
-    frame = runner(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
-                   lambda delta: trial_config(options.overrides, delta))
+    request = _request(args)
+    run_request(request, worker_only=args.worker_only)
     if args.worker_only:
         return 0
-    if helpers:
-        frame = _join_workers(helpers, suite, options)
-    print(f"[{suite.name}] {len(frame)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
-    if len(frame):
-        _run_extras(suite, Path(options.runs_dir))
-        _cmd_report(argparse.Namespace(suite=args.suite, all=False, runs_dir=str(options.runs_dir),
-                                       out_dir=args.report_dir, wandb=mode))
-    command = sync_command(Path(options.runs_dir) / suite.name)
-    if command and mode == "offline":
-        print(f"[{suite.name}] upload the W&B runs with: {command}")
-    unfinished = _unfinished(suite, options, open_study(suite, options))
-    if unfinished and options.max_trials is None:
-        print(f"tafm: error: {unfinished}", file=sys.stderr)
+    missing = unfinished(request)
+    if missing and request.max_trials is None:
+        print(f"tafm: error: {missing}", file=sys.stderr)
         return 1
     return 0
-
-
-def _start_workers(args: argparse.Namespace) -> list:
-    """args.workers - 1 more `tafm run` processes on the same study: each claims grid points as the
-    harness hands them out (stage 1 is trained once, under its file lock), so trials use every core."""
-    import subprocess
-
-    argv = [sys.executable, "-m", "ablations.cli", *args.argv, "--workers", "1", "--worker-only"]
-    return [subprocess.Popen(argv) for _ in range(args.workers - 1)]
-
-
-def _join_workers(helpers: list, suite, options):
-    """Wait for the helper workers, then the records of every trial they and this one finished."""
-    from ablations.harness import open_study, suite_dir, write_records
-
-    for helper in helpers:
-        helper.wait()
-    return write_records(open_study(suite, options), suite_dir(suite, options) / "results.csv")
-
-
-def _unfinished(suite, options, study) -> Optional[str]:
-    """One line on the trials that did not finish and the first cause, or None when all did."""
-    from ablations.harness import MAX_RETRIES, failed_keys, first_failure, grid_keys
-
-    if suite.search:
-        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED"))
-        missing, names = suite.search["trials"] - done, ""
-    else:
-        keys = failed_keys(study, grid_keys(suite, options))
-        missing, names = len(keys), f" ({', '.join(keys)})"
-    if missing <= 0:
-        return None
-    cause = first_failure(study)
-    why = f"failed {MAX_RETRIES} times; first cause: {cause}" if cause else "still running in another worker"
-    return f"{missing} trial(s) of suite {suite.name} not finished{names}: {why}"
-
-
-def _run_extras(suite, runs_dir: Path) -> None:
-    """The suite's extra measurements, saved as markdown beside its records for the report."""
-    folder = runs_dir / suite.name / "extras"
-    folder.mkdir(parents=True, exist_ok=True)
-    if suite.extras.get("cost_tables"):
-        from ablations.cost_table import cost_tables
-
-        print(f"[{suite.name}] counting parameters and MACs for paper Tables 3-5 (fvcore)")
-        (folder / "1_cost_tables.md").write_text("## Costs (paper Tables 3-5)\n\n" + cost_tables() + "\n")
-    if suite.extras.get("table7"):
-        from ablations.latency_table import installed, table7
-
-        fmt = suite.extras["table7"]
-        if not installed(fmt):
-            fallback = next((r for r in ("executorch", "onnx") if installed(r)), None)
-            if fallback is None:
-                print(f"[{suite.name}] Table 7 skipped: neither ExecuTorch nor onnxruntime is installed")
-                return
-            print(f"[{suite.name}] {fmt} is not installed (pip install -e '.[mobile]' brings ExecuTorch): "
-                  f"Table 7 through {fallback}")
-            fmt = fallback
-        print(f"[{suite.name}] exporting and timing paper Table 7's models ({fmt}, 1 thread, pinned)")
-        (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt).format() + "\n")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -176,8 +77,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     check_storage(args.storage)
     from ablations.harness import grid_keys, open_study, records_frame
+    from ablations.pipeline import run_options
 
-    options = _run_options(args)
+    options = run_options(_request(args))
     study = open_study(suite, options)
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False) if "key" in t.user_attrs)
     total = suite.search["trials"] if suite.search else len(grid_keys(suite, options))
@@ -191,32 +93,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ablations.suite import available_suites, load_suite
-    from ablations.tracking import log_table, resolve_mode
-    from reports.tables import ReportError, load_records, write_index, write_report
+    from ablations.pipeline import report_suites
+    from ablations.suite import available_suites
+    from ablations.tracking import resolve_mode
 
     mode = resolve_mode(args.wandb)
     if not args.all and not args.suite:
         raise ValueError("tafm report: name a SUITE or pass --all")
     names = available_suites() if args.all else [args.suite]
-    out_dir = Path(args.out_dir)
-    written = []
-    for name in names:
-        suite = load_suite(name)
-        try:
-            path = write_report(suite.name, suite.table, suite.description, Path(args.runs_dir), out_dir)
-        except ReportError as error:
-            if not args.all:
-                raise
-            print(f"skipped {name}: {error}")
-            continue
-        written.append((suite.name, suite.description, path))
-        print(f"wrote {path}")
-        images = {"figure4": path.parent / "fig4.png"} if (path.parent / "fig4.png").is_file() else {}
-        log_table(mode, "tafm", suite.name, f"{suite.name}-report", load_records(Path(args.runs_dir), suite.name),
-                  Path(args.runs_dir) / suite.name, images)
-    if args.all:
-        print(f"wrote {write_index(written, out_dir)}")
+    report_suites(names, Path(args.runs_dir), Path(args.out_dir), mode, every=args.all)
     return 0
 
 
@@ -245,7 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_latency(args: argparse.Namespace) -> int:
     pin = None if args.no_pin else args.pin_core
     if args.table7:
-        from ablations.latency_table import table7
+        from ablations.extras.latency_table import table7
 
         print(table7(args.format, args.out_dir, args.frames, args.warmup, args.threads, pin).format())
         return 0

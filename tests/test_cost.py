@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ablations.cli import main
-from ablations.cost_table import model_cost
+from ablations.extras.cost_table import model_cost
 from lightning_modules.deploy.cost import bottleneck_conv_macs, count_cost
 from lightning_modules.network import create_model
 from ablations.config import load_config

@@ -10,7 +10,7 @@ from ablations import paper
 from lightning_modules.config import Arch, ModelConfig, RecurrentConfig, RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.deploy.export import export_model
-from ablations.latency_table import Row, Table7, table7_models
+from ablations.extras.latency_table import Row, Table7, table7_models
 from lightning_modules.deploy.latency import (LatencyResult, PeakResult, available_runtimes, measure_latency, measure_peak,
                                        pinned)
 from lightning_modules.network import create_model

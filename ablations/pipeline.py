@@ -1,0 +1,208 @@
+"""`run_suite`: a whole suite as one call (check, run the study, measure the extras, write the report).
+
+    >>> from ablations import run_suite
+    >>> records = run_suite("quick", seeds=3, workers=2)
+    >>> records[0].metric("val/vid_map50")
+
+The `tafm run` command only parses its arguments and calls this.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
+
+from ablations.suite import Suite
+
+if TYPE_CHECKING:  # records bring pandas: not loaded before the preflight checks
+    from ablations.records import TrialRecord
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SuiteRequest:
+    """Everything `run_suite` is asked; `argv` are the same as `tafm run` arguments, for helper workers."""
+
+    suite: str
+    overrides: List[str] = field(default_factory=list)
+    seeds: int = 1
+    storage: Optional[str] = None
+    workers: int = 1
+    runs_dir: Path = Path("runs")
+    profile: str = "synthetic"
+    data_root: Optional[str] = None
+    wandb: Optional[str] = None
+    report_dir: Path = Path("reports")
+    max_trials: Optional[int] = None
+
+    def argv(self) -> List[str]:
+        args = ["run", self.suite, "--runs-dir", str(self.runs_dir), "--profile", self.profile,
+                "--seeds", str(self.seeds), "--report-dir", str(self.report_dir)]
+        for key, value in (("--storage", self.storage), ("--data-root", self.data_root), ("--wandb", self.wandb),
+                           ("--max-trials", self.max_trials)):
+            if value is not None:
+                args += [key, str(value)]
+        for override in self.overrides:
+            args += ["--set", override]
+        return args
+
+
+def preflight(request: SuiteRequest) -> Tuple[Suite, List[str]]:
+    """Everything a user can get wrong, checked once before any heavy import, study or training:
+    arguments, the suite, every trial's config, the storage URL, the data roots. Returns (suite, overrides)."""
+    from ablations.preflight import (check_data, check_profile, check_seeds, check_storage, check_workers,
+                                     trial_configs)
+    from ablations.suite import load_suite
+
+    check_seeds(request.seeds)
+    check_workers(request.workers)
+    check_profile(request.profile, request.data_root)
+    suite = load_suite(request.suite)
+    overrides = list(request.overrides)
+    if request.data_root:
+        overrides.append(f"data.root={Path(request.data_root).resolve()}")
+    configs = trial_configs(suite, request.profile, overrides)
+    check_storage(request.storage)
+    check_data(configs)
+    return suite, overrides
+
+
+def run_options(request: SuiteRequest, overrides: Optional[List[str]] = None):
+    from ablations.harness import RunOptions
+
+    return RunOptions(runs_dir=Path(request.runs_dir), storage=request.storage, profile=request.profile,
+                      seeds=request.seeds, overrides=list(request.overrides) if overrides is None else overrides,
+                      max_trials=request.max_trials)
+
+
+def run_suite(name_or_path: str, overrides: Sequence[str] = (), seeds: int = 1, storage: Optional[str] = None,
+              workers: int = 1, *, runs_dir: Path = Path("runs"), profile: str = "synthetic",
+              data_root: Optional[str] = None, wandb: Optional[str] = None, report_dir: Path = Path("reports"),
+              max_trials: Optional[int] = None, log: Log = print) -> List[TrialRecord]:
+    """Run (or resume) a suite: every trial not yet recorded, then its extras and its report.
+    Returns the records of every finished trial of the suite's study."""
+    request = SuiteRequest(name_or_path, list(overrides), seeds, storage, workers, Path(runs_dir), profile,
+                           data_root, wandb, Path(report_dir), max_trials)
+    return run_request(request, log=log)
+
+
+def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = print) -> List[TrialRecord]:
+    """`run_suite` of a prepared request; a helper worker (`worker_only`) only runs trials."""
+    suite, overrides = preflight(request)
+    from ablations.harness import run_study
+    from ablations.runner import run_trial
+    from ablations.suite import trial_config
+    from ablations.tracking import resolve_mode, sync_command
+
+    mode = resolve_mode(request.wandb)
+    options = run_options(request, overrides)
+    log(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; "
+        f"records in {Path(options.runs_dir) / suite.name}")
+    helpers = start_workers(request) if request.workers > 1 and not worker_only else []
+    records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
+                        lambda delta: trial_config(options.overrides, delta), log=log)
+    if worker_only:
+        return records
+    if helpers:
+        records = join_workers(helpers, suite, options)
+    log(f"[{suite.name}] {len(records)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
+    if records:
+        run_extras(suite, Path(options.runs_dir), log)
+        report_suites([request.suite], Path(options.runs_dir), Path(request.report_dir), mode, log=log)
+    command = sync_command(Path(options.runs_dir) / suite.name)
+    if command and mode == "offline":
+        log(f"[{suite.name}] upload the W&B runs with: {command}")
+    return records
+
+
+def start_workers(request: SuiteRequest) -> list:
+    """request.workers - 1 more `tafm run` processes on the same study: each claims grid points as the
+    harness hands them out (stage 1 is trained once, under its file lock), so trials use every core."""
+    argv = [sys.executable, "-m", "ablations.cli", *request.argv(), "--workers", "1", "--worker-only"]
+    return [subprocess.Popen(argv) for _ in range(request.workers - 1)]
+
+
+def join_workers(helpers: list, suite: Suite, options) -> List[TrialRecord]:
+    """Wait for the helper workers, then the records of every trial they and this one finished."""
+    from ablations.harness import open_study, suite_dir, write_records
+
+    for helper in helpers:
+        helper.wait()
+    return write_records(open_study(suite, options), suite_dir(suite, options) / "results.csv")
+
+
+def unfinished(request: SuiteRequest) -> Optional[str]:
+    """One line on the trials of the suite that did not finish and the first cause, or None when all did."""
+    from ablations.harness import MAX_RETRIES, failed_keys, first_failure, grid_keys, open_study
+    from ablations.suite import load_suite
+
+    suite = load_suite(request.suite)
+    options = run_options(request)
+    study = open_study(suite, options)
+    if suite.search:
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED"))
+        missing, names = suite.search["trials"] - done, ""
+    else:
+        keys = failed_keys(study, grid_keys(suite, options))
+        missing, names = len(keys), f" ({', '.join(keys)})"
+    if missing <= 0:
+        return None
+    cause = first_failure(study)
+    why = f"failed {MAX_RETRIES} times; first cause: {cause}" if cause else "still running in another worker"
+    return f"{missing} trial(s) of suite {suite.name} not finished{names}: {why}"
+
+
+def run_extras(suite: Suite, runs_dir: Path, log: Log = print) -> None:
+    """The suite's extra measurements, saved as markdown beside its records for the report."""
+    folder = runs_dir / suite.name / "extras"
+    folder.mkdir(parents=True, exist_ok=True)
+    if suite.extras.get("cost_tables"):
+        from ablations.extras.cost_table import cost_tables
+
+        log(f"[{suite.name}] counting parameters and MACs for paper Tables 3-5 (fvcore)")
+        (folder / "1_cost_tables.md").write_text("## Costs (paper Tables 3-5)\n\n" + cost_tables() + "\n")
+    if suite.extras.get("table7"):
+        from ablations.extras.latency_table import installed, table7
+
+        fmt = suite.extras["table7"]
+        if not installed(fmt):
+            fallback = next((r for r in ("executorch", "onnx") if installed(r)), None)
+            if fallback is None:
+                log(f"[{suite.name}] Table 7 skipped: neither ExecuTorch nor onnxruntime is installed")
+                return
+            log(f"[{suite.name}] {fmt} is not installed (pip install -e '.[mobile]' brings ExecuTorch): "
+                f"Table 7 through {fallback}")
+            fmt = fallback
+        log(f"[{suite.name}] exporting and timing paper Table 7's models ({fmt}, 1 thread, pinned)")
+        (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt).format() + "\n")
+
+
+def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str, every: bool = False,
+                  log: Log = print) -> List[Path]:
+    """Write each suite's report (and with `every`, skip suites without records and write the index)."""
+    from ablations.records import records_frame
+    from ablations.suite import load_suite
+    from ablations.tracking import log_table
+    from reports.tables import ReportError, load_records, write_index, write_report
+
+    written = []
+    for name in names:
+        suite = load_suite(name)
+        try:
+            path = write_report(suite.name, suite.table, suite.description, runs_dir, out_dir)
+        except ReportError as error:
+            if not every:
+                raise
+            log(f"skipped {name}: {error}")
+            continue
+        written.append((suite.name, suite.description, path))
+        log(f"wrote {path}")
+        images = {"figure4": path.parent / "fig4.png"} if (path.parent / "fig4.png").is_file() else {}
+        log_table(mode, "tafm", suite.name, f"{suite.name}-report", records_frame(load_records(runs_dir, suite.name)),
+                  runs_dir / suite.name, images)
+    if every:
+        log(f"wrote {write_index(written, out_dir)}")
+    return [path for _, _, path in written]
