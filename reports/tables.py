@@ -14,6 +14,8 @@ import pandas as pd
 
 from ablations import paper
 from ablations.records import TrialRecord, read_results
+from reports import paper_tables  # noqa: F401  (registers the paper's tables)
+from reports.registry import TableSpec, table_spec
 
 METRIC_NAME = "VID mAP@0.5 (ILSVRC devkit rules: per-box threshold for small boxes), in %"
 MAP = "val/vid_map50"
@@ -63,23 +65,11 @@ def _row_key(row: TrialRecord) -> Dict[str, object]:
             "alpha_lstm": _cfg(row, "model.alpha_lstm")}
 
 
-def _paper_map(table: str, key: Dict[str, object], p: Optional[float] = None) -> Optional[float]:
-    """The paper's mAP for a configuration, or None where the paper has no such cell."""
-    alpha, kind, after, arch = key["alpha"], key["type"], key["after"], key["arch"]
-    if table == "table2" and alpha == 1.0:
-        return paper.TABLE2_MAP.get("none" if kind == "none" else after[0] if len(after) == 1 else "", None)
-    if table == "table3" and after == ("conv13",):
-        return paper.TABLE3.get((alpha, kind), (None,))[0]
-    if table == "table4" and kind == "bottleneck_lstm":
-        for placement, by_alpha in paper.TABLE4:
-            if placement == after and alpha in by_alpha:
-                return by_alpha[alpha][0]
-    final = arch == "mobilenet_ssd" and kind == "none" or arch == "lstm_ssd" and after == paper.FINAL_PLACEMENT
-    if table in ("table5", "table7") and final:
-        return paper.TABLE5.get((arch, alpha), (None,))[0]
-    if table == "table6" and final and p is not None:
-        return paper.TABLE6.get((arch, alpha), {}).get(p)
-    return None
+def _spec(table: str) -> TableSpec:
+    try:
+        return table_spec(table)
+    except ValueError as error:
+        raise ReportError(str(error)) from None
 
 
 def _label(key: Dict[str, object]) -> str:
@@ -99,6 +89,7 @@ def _groups(records: List[TrialRecord]) -> List[Tuple[Dict[str, object], List[Tr
 
 def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
     """The markdown rows of one suite's table, in the paper's layout where it has one."""
+    spec = _spec(table)
     occlusion = sorted({p for r in records for p in r.occlusions if r.metric(MAP, p) is not None})
     header = ["model", "seeds", "mAP (ours)", "paper", "delta"]
     for p in occlusion:
@@ -107,8 +98,8 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
     if cap is not None:
         header += ["vs single-frame cap"]
     header += ["COCO AP50 (ours)", "params M", "MACs B"]
-    if table == "table3":
-        header += ["recurrent params M", "paper", "recurrent MACs M", "paper"]
+    for columns in spec.columns:
+        header += list(columns.header)
     latency = any("latency_ms_median" in r.latency for r in records)
     if latency:
         header += ["latency ms (ours, median)", "Pixel 2 big core ms", "ours / paper"]
@@ -116,19 +107,18 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
     baseline, control = None, False
     for key, rows in _groups(records):
         ours, text = _cell([r.metric(MAP) for r in rows])
-        cells = [_label(key), str(len(rows)), text, _paper(_paper_map(table, key)), _delta(ours, _paper_map(table, key))]
+        theirs = spec.paper_map(key, None)
+        cells = [_label(key), str(len(rows)), text, _paper(theirs), _delta(ours, theirs)]
         for p in occlusion:
             value, text_p = _cell([r.metric(MAP, p) for r in rows])
-            theirs = _paper_map(table, key, p) if table == "table6" else None
+            theirs = spec.paper_map(key, p)
             cells += [text_p, _paper(theirs), _delta(value, theirs)]
         if cap is not None:
             cells += [_delta(ours, cap)]
         cells += [_cell([r.metric("val/coco_ap50") for r in rows])[1],
                   f"{rows[0].costs['params'] / 1e6:.3f}", f"{rows[0].costs['macs'] / 1e9:.3f}"]
-        if table == "table3":
-            theirs = paper.TABLE3.get((key["alpha"], key["type"]), (None, None, None))
-            cells += [f"{rows[0].costs['params_recurrent'] / 1e6:.3f}", _paper(theirs[1]),
-                      f"{rows[0].costs['macs_recurrent'] / 1e6:.1f}", _paper(theirs[2])]
+        for columns in spec.columns:
+            cells += columns.cells(key, rows)
         if latency:
             mine = float(pd.Series([r.latency.get("latency_ms_median") for r in rows], dtype=float).median())
             theirs = paper.TABLE7.get((key["arch"], key["alpha"]), (None,))[0]
@@ -148,28 +138,6 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
                      " rows (`sweep.single_frame_stage2`), so every row has the same training budget." if control
                      else ": the stage-1 model.")]
     return lines
-
-
-def figure4(records: List[TrialRecord], out: Path) -> Path:
-    """Figure 4: mAP against the LSTM's output channels (alpha_lstm * 1024), as a PNG line plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = sorted((float(_cfg(r, "model.alpha_lstm")) * 1024, float(r.metric(MAP)) * 100) for r in records)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("LSTM output channels (alpha_lstm x 1024)")
-    ax.set_ylabel("VID mAP@0.5 (%)")
-    ax.set_title("Figure 4: mAP vs LSTM output channels")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def _provenance(records: List[TrialRecord]) -> List[str]:
@@ -192,9 +160,9 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
     records = load_records(runs_dir, suite)
     lines = [f"# {suite}: {description}", ""]
     target = Path(out_dir) / suite
-    if table == "fig4":
-        figure4(records, target / "fig4.png")
-        lines += ["![Figure 4](fig4.png)", ""]
+    spec = _spec(table)
+    if spec.figure is not None:
+        lines += spec.figure(records, target)
     lines += suite_table(table, records)
     for extra in sorted((Path(runs_dir) / suite / "extras").glob("*.md")):
         lines += ["", extra.read_text().rstrip()]
