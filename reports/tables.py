@@ -14,6 +14,7 @@ import pandas as pd
 
 from ablations import paper
 from ablations.records import TrialRecord, read_results
+from lightning_modules.markdown import markdown_row, markdown_table
 from reports import paper_tables  # noqa: F401  (registers the paper's tables)
 from reports.registry import TableSpec, table_spec
 
@@ -103,7 +104,7 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
     latency = any("latency_ms_median" in r.latency for r in records)
     if latency:
         header += ["latency ms (ours, median)", "Pixel 2 big core ms", "ours / paper"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines = markdown_table(header)
     baseline, control = None, False
     for key, rows in _groups(records):
         ours, text = _cell([r.metric(MAP) for r in rows])
@@ -126,7 +127,7 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
         if key["type"] == "none":
             baseline = ours
             control = str(_cfg(rows[0], "sweep.single_frame_stage2")).lower() == "true"
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     if cap is not None:
         lines += ["", f"Single-frame cap: {cap:.1f} mAP. An oracle that localises every object perfectly but, like any "
                   "single-frame detector, knows a look-alike pair's class only on the frames where its marker is "
@@ -175,8 +176,8 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
 
 def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path) -> Path:
     """reports/README.md listing every suite report."""
-    lines = ["# Regenerated tables", "", "| suite | report |", "| --- | --- |"]
-    lines += [f"| {name} | [{description}]({path.relative_to(out_dir)}) |" for name, description, path in entries]
+    rows = [[name, f"[{description}]({path.relative_to(out_dir)})"] for name, description, path in entries]
+    lines = ["# Regenerated tables", "", *markdown_table(["suite", "report"], rows)]
     index = Path(out_dir) / "README.md"
     index.write_text("\n".join(lines) + "\n")
     return index

@@ -6,6 +6,7 @@ from typing import Iterable, List, Optional, Sequence
 from ablations import paper
 from ablations.config import load_config
 from lightning_modules.deploy.cost import COUNTING_RULE, Cost, bottleneck_conv_macs, count_cost
+from lightning_modules.markdown import markdown_table as _table
 from lightning_modules.network import create_model
 
 
@@ -33,14 +34,6 @@ def delta(ours: float, theirs: Optional[float], decimals: int) -> str:
 
 def _fmt(value: Optional[float], decimals: int) -> str:
     return "–" if value is None else f"{value:.{decimals}f}"
-
-
-def _row(cells: Sequence[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> List[str]:
-    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
 
 
 def table3() -> List[str]:

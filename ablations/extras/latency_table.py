@@ -17,6 +17,7 @@ import torch
 
 from ablations import paper
 from lightning_modules.config import Arch, ModelConfig, RecurrentConfig, RecurrentType
+from lightning_modules.markdown import markdown_table
 from lightning_modules.deploy.export import SUFFIX, export_model
 from lightning_modules.deploy.latency import (DEFAULT_FRAMES, DEFAULT_PIN_CORE, DEFAULT_THREADS, DEFAULT_WARMUP, RUNTIME_NAMES,
                                        WEIGHTS_NOTE, LatencyResult, PeakResult, cpu_name, measure_latencies,
@@ -84,17 +85,16 @@ class Table7:
         names = [RUNTIME_NAMES.get(r, r) for r in runtimes]
         first = self.rows[0].headline
         rounds = len(first.rounds)
-        lines = ["### Table 7: single-thread latency per frame", "",
-                 f"| model | {names[0]} median ms [{rounds} runs] | p90 ms | "
-                 + "".join(f"{n} median ms | " for n in names[1:])
-                 + "paper big core ms | ours / paper | GMAC/frame | achieved GMAC/s | of peak |",
-                 "| --- " * (8 + len(names) - 1) + "|"]
+        header = (["model", f"{names[0]} median ms [{rounds} runs]", "p90 ms"] + [f"{n} median ms" for n in names[1:]]
+                  + ["paper big core ms", "ours / paper", "GMAC/frame", "achieved GMAC/s", "of peak"])
+        rows = []
         for row in self.rows:
             result = row.headline
-            others = "".join(f"{row.results[r].median_text()} | " for r in runtimes[1:])
-            lines.append(f"| {row.label} | {result.median_text()} | {result.p90_ms:.1f} | {others}{row.paper_ms:g} | "
-                         f"{result.median_ms / row.paper_ms:.2f} | {result.macs / 1e9:.3f} | "
-                         f"{result.macs_per_s / 1e9:.2f} | {100 * result.fraction_of_peak:.1f}% |")
+            rows.append([row.label, result.median_text(), f"{result.p90_ms:.1f}",
+                         *(row.results[r].median_text() for r in runtimes[1:]), f"{row.paper_ms:g}",
+                         f"{result.median_ms / row.paper_ms:.2f}", f"{result.macs / 1e9:.3f}",
+                         f"{result.macs_per_s / 1e9:.2f}", f"{100 * result.fraction_of_peak:.1f}%"])
+        lines = ["### Table 7: single-thread latency per frame", "", *markdown_table(header, rows)]
         lines += self._ratios(runtimes, names)
         lines += ["", f"Ours: {', '.join(names)}, {placement(first.threads, first.pin_core)}, {first.frames} frames "
                       f"x {rounds} rounds (models interleaved) after {first.warmup} warm-up, state fed back; {cpu_name()}. "
@@ -105,16 +105,15 @@ class Table7:
 
     def _ratios(self, runtimes: List[str], names: List[str]) -> List[str]:
         by_key = {row.key: row for row in self.rows}
-        lines = ["", "| LSTM-SSD / Mobilenet-SSD | " + " | ".join(names) + " | paper | MACs |",
-                 "| --- " * (len(names) + 3) + "|"]
+        rows = []
         for alpha in sorted({key[1] for key in by_key}, reverse=True):
             lstm, mobilenet = by_key.get(("lstm_ssd", alpha)), by_key.get(("mobilenet_ssd", alpha))
             if lstm is None or mobilenet is None:
                 continue
-            ours = " | ".join(_ratio(lstm.results[r], mobilenet.results[r]) for r in runtimes)
-            lines.append(f"| alpha={alpha:g}, {paper.INPUT_SIZE[alpha]} | {ours} | {lstm.paper_ms / mobilenet.paper_ms:.2f} | "
-                         f"{lstm.headline.macs / mobilenet.headline.macs:.2f} |")
-        return lines if len(lines) > 3 else []
+            rows.append([f"alpha={alpha:g}, {paper.INPUT_SIZE[alpha]}",
+                         *(_ratio(lstm.results[r], mobilenet.results[r]) for r in runtimes),
+                         f"{lstm.paper_ms / mobilenet.paper_ms:.2f}", f"{lstm.headline.macs / mobilenet.headline.macs:.2f}"])
+        return ["", *markdown_table(["LSTM-SSD / Mobilenet-SSD", *names, "paper", "MACs"], rows)] if rows else []
 
 
 def _best(a: PeakResult, b: PeakResult) -> PeakResult:

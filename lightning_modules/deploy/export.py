@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_modules.anchors import BoxCoder
 from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.markdown import markdown_table
 from lightning_modules.network import LSTMSSD, create_model
 
 #: Defaults of the export (one place).
@@ -352,11 +353,9 @@ class ParityReport:
         return self.max_box <= self.box_tol and self.max_score <= self.score_tol
 
     def format(self) -> str:
-        lines = ["| frame | max abs diff boxes | max abs diff scores |", "| --- | --- | --- |"]
-        lines += [f"| {t} | {b:.3g} | {s:.3g} |" for t, (b, s) in enumerate(zip(self.box_diff, self.score_diff))]
-        lines.append(f"| max | {self.max_box:.3g} (tol {self.box_tol:g}) | "
-                     f"{self.max_score:.3g} (tol {self.score_tol:g}) |")
-        return "\n".join(lines)
+        rows = [[t, f"{b:.3g}", f"{s:.3g}"] for t, (b, s) in enumerate(zip(self.box_diff, self.score_diff))]
+        rows.append(["max", f"{self.max_box:.3g} (tol {self.box_tol:g})", f"{self.max_score:.3g} (tol {self.score_tol:g})"])
+        return "\n".join(markdown_table(["frame", "max abs diff boxes", "max abs diff scores"], rows))
 
 
 def check_parity(detector: OneFrameDetector, model_path: Union[str, Path], frames: Tensor,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_modules.deploy.export import FORMATS, SUFFIX, format_of, load_runtime, lower_to_file, read_sidecar
+from lightning_modules.markdown import markdown_row, markdown_table
 
 #: Defaults of the measurement (one place).
 DEFAULT_FRAMES = 200
@@ -237,13 +238,15 @@ class LatencyResult:
         spread = f" [{min(self.rounds):.2f}-{max(self.rounds):.2f}]" if len(self.rounds) > 1 else ""
         return f"{self.median_ms:.2f}{spread}"
 
-    HEADER = ("| model | runtime | median ms | p90 ms | GMAC/frame | achieved GMAC/s | of peak |\n"
-              "| --- | --- | --- | --- | --- | --- | --- |")
+    HEADER = ("model", "runtime", "median ms", "p90 ms", "GMAC/frame", "achieved GMAC/s", "of peak")
+
+    def cells(self) -> List[str]:
+        fraction = "n/a" if self.fraction_of_peak is None else f"{100 * self.fraction_of_peak:.1f}%"
+        return [self.model, f"{self.fmt}, {placement(self.threads, self.pin_core)}", self.median_text(),
+                f"{self.p90_ms:.2f}", f"{self.macs / 1e9:.3f}", f"{self.macs_per_s / 1e9:.2f}", fraction]
 
     def row(self) -> str:
-        fraction = "n/a" if self.fraction_of_peak is None else f"{100 * self.fraction_of_peak:.1f}%"
-        return (f"| {self.model} | {self.fmt}, {placement(self.threads, self.pin_core)} | {self.median_text()} | "
-                f"{self.p90_ms:.2f} | {self.macs / 1e9:.3f} | {self.macs_per_s / 1e9:.2f} | {fraction} |")
+        return markdown_row(self.cells())
 
     def as_dict(self) -> dict:
         """Plain values for JSON: the fields plus achieved MAC/s and the fraction of peak."""
@@ -251,7 +254,7 @@ class LatencyResult:
                 "peak_macs_per_s": None if self.peak is None else self.peak.macs_per_s, "cpu": cpu_name()}
 
     def format(self) -> str:
-        lines = [self.HEADER, self.row()]
+        lines = markdown_table(self.HEADER, [self.cells()])
         if self.peak is not None:
             lines.append(f"\npeak: {self.peak.describe()}")
         rounds = f" x {len(self.rounds)} rounds" if len(self.rounds) > 1 else ""
