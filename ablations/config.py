@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from datamodules.data_config import DataConfig
-from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.config import ModelConfig, flatten, validate_model
+from lightning_modules.config import flat_config as to_flat_dict  # noqa: F401  (the name the sweep uses)
 from lightning_modules.train_config import TrainConfig
 
 
@@ -97,19 +98,10 @@ def parse_override(item: str) -> tuple:
     return key.strip(), value
 
 
-def _flatten(container, prefix: str = "") -> Iterable[tuple]:
-    for key, value in container.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, dotted + ".")
-        else:
-            yield dotted, value
-
-
 def load_config(overrides: Iterable[str] = (), delta: Optional[dict] = None, delta_source: str = "") -> TafmConfig:
     """Default config <- `delta` (e.g. a suite YAML's mapping) <- `key=value` overrides; validated."""
     cfg = OmegaConf.structured(TafmConfig)
-    for key, value in _flatten(delta or {}):
+    for key, value in flatten(delta or {}).items():
         _merge_one(cfg, key, value, delta_source)
     for item in overrides:
         key, value = parse_override(item)
@@ -125,10 +117,4 @@ def load_config(overrides: Iterable[str] = (), delta: Optional[dict] = None, del
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return obj
-
-
-def to_flat_dict(cfg) -> dict:
-    """The config as one flat {dotted.key: plain value} dict (W&B config, records)."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    return dict(_flatten(container))
 

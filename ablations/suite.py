@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ablations.config import ConfigError, TafmConfig, load_config
+from lightning_modules.config import nest
 
 # Under every suite's own base (a suite may override): the released code's relu6 for the recurrent
 # cells. With the paper's ReLU a trained Bottleneck-LSTM's output grew ~30x a frame over a clip.
@@ -158,27 +159,16 @@ def _expand_grid(grid: Dict[str, List[Any]]) -> List[TrialPoint]:
 def _check_keys(where: str, mapping: Dict[str, Any], source: str) -> None:
     """Every key must exist in the structured config: load it once to get the error message."""
     try:
-        load_config([], delta=_nest(mapping), delta_source=f"{source}: {where}")
+        load_config([], delta=nest(mapping), delta_source=f"{source}: {where}")
     except ConfigError as error:
         raise ConfigError(str(error)) from None
-
-
-def _nest(flat: Dict[str, Any]) -> Dict[str, Any]:
-    nested: Dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
 
 
 def trial_config(overrides_cli: List[str], delta: Dict[str, Any]) -> TafmConfig:
     """A trial's config: default <- suite delta (profile, base, grid point) <- --set; `seed` seeds data and train."""
     delta = dict(delta)
     seed = delta.pop("seed", 0)
-    cfg = load_config(overrides_cli, delta=_nest(delta))
+    cfg = load_config(overrides_cli, delta=nest(delta))
     return replace(cfg, data=replace(cfg.data, seed=cfg.data.seed + seed), train=replace(cfg.train, seed=cfg.train.seed + seed))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 
 class Arch(Enum):
@@ -173,3 +173,41 @@ def as_config(cls: type, value: Any) -> Any:
         return value
     merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(value or {}))
     return OmegaConf.to_object(merged)
+
+
+# ---------------------------------------------------------------- plain, flat and nested configs
+# One place for every config <-> dict conversion: records, checkpoints, hparams, suite deltas.
+
+def plain_config(cfg: Any) -> Dict[str, Any]:
+    """A config dataclass as a plain nested dict (enums as strings): what hparams and the logger store."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    nested: Dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def flat_config(cfg: Any) -> Dict[str, Any]:
+    """A config dataclass as one flat {dotted.key: plain value} dict (W&B config, records, checkpoints)."""
+    return flatten(plain_config(cfg))

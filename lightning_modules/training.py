@@ -17,13 +17,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from datamodules.metrics import VidEvaluator
 from datamodules.vid import CLASS_NAMES, normalized_to_pixel
 from lightning_modules.anchors import BoxCoder
-from lightning_modules.config import ModelConfig, as_config, validate_model
+from lightning_modules.config import ModelConfig, as_config, plain_config, validate_model
 from lightning_modules.distill import Teacher, distillation_loss, load_teacher
 from lightning_modules.loss import MultiboxLoss
 from lightning_modules.network import create_model
@@ -31,11 +30,6 @@ from lightning_modules.optim import RMSpropTF, paper_lr_lambda
 from lightning_modules.postprocess import postprocess
 from lightning_modules.stages import freeze_base, frozen_batchnorms, keep_frozen_bn_eval
 from lightning_modules.train_config import FreezeMode, TrainConfig, resolve_lr  # noqa: F401  (re-exported)
-
-def config_dict(cfg: Any) -> Dict[str, Any]:
-    """Plain container of a config dataclass (enums as strings): what hparams and the logger store."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-
 
 def _detach_state(state: Tuple) -> Tuple:
     return tuple(tuple(s.detach() for s in cell) for cell in state)
@@ -53,7 +47,7 @@ class LSTMSSDModule(pl.LightningModule):
         validate_model(self.model_cfg)
         self.train_cfg.validate()
         freeze = self.train_cfg.freeze if self.train_cfg.stage == 2 else FreezeMode.none
-        self.save_hyperparameters({"model": config_dict(self.model_cfg), "train": config_dict(self.train_cfg),
+        self.save_hyperparameters({"model": plain_config(self.model_cfg), "train": plain_config(self.train_cfg),
                                    "stage": self.train_cfg.stage, "freeze_applied": freeze.value,
                                    "lr_resolved": resolve_lr(self.train_cfg, self.model_cfg)})
         self.net = create_model(self.model_cfg)

@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from lightning_modules.anchors import BoxCoder
-from lightning_modules.config import ModelConfig, validate_model
+from lightning_modules.config import ModelConfig, flat_config, nest, plain_config, validate_model
 from lightning_modules.markdown import markdown_table
 from lightning_modules.network import LSTMSSD, create_model
 
@@ -58,13 +58,7 @@ Source = Union[str, Path, Tuple[LSTMSSD, ModelConfig]]
 
 def flat_model_config(cfg: ModelConfig) -> dict:
     """The model config as one flat {dotted.key: plain value} dict (enums as strings)."""
-    def walk(node: Mapping, prefix: str):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-    return dict(walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), ""))
+    return flat_config(cfg)
 
 
 def model_config_from_dict(values: Any, source: str) -> ModelConfig:
@@ -75,17 +69,10 @@ def model_config_from_dict(values: Any, source: str) -> ModelConfig:
         if OmegaConf.is_config(values):
             values = OmegaConf.to_container(values, enum_to_str=True)
         elif is_dataclass(values):
-            values = OmegaConf.to_container(OmegaConf.structured(values), enum_to_str=True)
+            values = plain_config(values)
         if not isinstance(values, Mapping):
             raise ValueError(f"{source}: the model config must be a dict, got {type(values).__name__}")
-        nested: dict = {}
-        for key, value in values.items():
-            parts = str(key).split(".")
-            parts = parts[1:] if parts[0] == "model" and len(parts) > 1 else parts
-            node = nested
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
+        nested = nest({str(k)[len("model."):] if str(k).startswith("model.") else k: v for k, v in values.items()})
         try:
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), nested))
         except OmegaConfBaseException as error:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ablations.config import load_config
 from ablations.harness import RunOptions, run_grid
-from ablations.suite import _nest, load_suite
+from ablations.suite import load_suite
+from lightning_modules.config import nest as _nest
 
 
 def main() -> None:
