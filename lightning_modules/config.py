@@ -28,6 +28,20 @@ class RecurrentType(Enum):
     bottleneck_lstm = "bottleneck_lstm"
 
 
+def add_recurrent_type(name: str) -> RecurrentType:
+    """Make `name` a value of model.recurrent.type (lightning_modules.recurrent.register_cell calls this):
+    the config validates the type against the enum, so a registered cell joins it."""
+    if name in RecurrentType.__members__:
+        return RecurrentType[name]
+    member = object.__new__(RecurrentType)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = RecurrentType
+    RecurrentType._member_names_.append(name)
+    RecurrentType._member_map_[name] = member
+    RecurrentType._value2member_map_[name] = member
+    return member
+
+
 class Activation(Enum):
     """phi of the LSTM equations: the paper says ReLU, the released code uses ReLU6."""
 

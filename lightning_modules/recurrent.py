@@ -1,16 +1,19 @@
 """Recurrent layers that refine a feature map across frames (paper Sec. 3.2-3.4, Table 3).
 
 Every cell is functional: `cell(x, state) -> (output, new_state)`, with `state` a tuple of
-tensors and `cell.zero_state(x)` the state of a new video. No state is kept on the module.
+tensors and `cell.zero_state(x)` the state of a new video. No state is kept on the module. A cell
+names its state tensors (`state_names`, what an exported model's inputs are called) and the cost
+component it is counted in (`cost_group`); `@register_cell(name)` on a builder makes it a value of
+`model.recurrent.type`.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.config import Activation, DepthwiseInput, RecurrentType
+from lightning_modules.config import Activation, DepthwiseInput, RecurrentConfig, RecurrentType, add_recurrent_type
 
 State = Tuple[Tensor, ...]
 
@@ -66,6 +69,8 @@ class RecurrentCell(nn.Module):
 
     in_channels: int
     out_channels: int
+    state_names: Tuple[str, ...] = ()  # one name per state tensor, in the tuple's order
+    cost_group: str = "lstm"  # counted as the cost component `<cost_group>:<placement>`
 
     def zero_state(self, x: Tensor) -> State:
         raise NotImplementedError
@@ -83,6 +88,8 @@ class BottleneckLSTM(RecurrentCell):
     b = phi(1x1_{M+N->N}(dw3x3([x, h]))); gates = 1x1_{N->4N}(dw3x3(b)) split i, j, f, o;
     c' = c * sigmoid(f + forget_bias) + sigmoid(i) * phi(j); h' = phi(c') * sigmoid(o).
     """
+
+    state_names = ("c", "h")
 
     def __init__(self, m: int, n: int, activation: Activation, forget_bias: float, depthwise_input: DepthwiseInput):
         super().__init__()
@@ -133,6 +140,8 @@ def _gates_identity(conv: nn.Conv2d, n: int, forget_bias: float) -> None:
 class ConvLSTM(RecurrentCell):
     """Standard convolutional LSTM (paper Eq. 3): one separable conv [x, h] -> 4N, N = M."""
 
+    state_names = ("c", "h")
+
     def __init__(self, m: int, activation: Activation, forget_bias: float):
         super().__init__()
         self.in_channels = self.out_channels = m
@@ -158,6 +167,8 @@ class ConvLSTM(RecurrentCell):
 
 class ConvGRU(RecurrentCell):
     """Convolutional GRU (paper Table 3): separable [x, h] -> (z, r); separable [x, r*h] -> candidate."""
+
+    state_names = ("h",)
 
     def __init__(self, m: int, activation: Activation):
         super().__init__()
@@ -193,6 +204,8 @@ class Averaging(RecurrentCell):
     State = (x_{t-1}, has_previous[B,1,1,1]); on a video's first frame the output is x_t itself.
     """
 
+    state_names = ("previous", "has_previous")
+
     def __init__(self, m: int, weight: float):
         super().__init__()
         self.in_channels = self.out_channels = m
@@ -211,14 +224,42 @@ class Averaging(RecurrentCell):
         """Nothing to learn: averaging is what it is."""
 
 
-def build_cell(kind: RecurrentType, m: int, n: int, cfg) -> RecurrentCell:
+CellBuilder = Callable[[int, int, RecurrentConfig], RecurrentCell]
+#: model.recurrent.type -> builder (input width M, output width N, the recurrent config) -> cell
+CELLS: Dict[str, CellBuilder] = {}
+
+
+def register_cell(name: str) -> Callable[[CellBuilder], CellBuilder]:
+    """Make `name` a value of model.recurrent.type, built by the decorated `(m, n, cfg) -> cell`."""
+    def decorate(builder: CellBuilder) -> CellBuilder:
+        add_recurrent_type(name)
+        CELLS[name] = builder
+        return builder
+    return decorate
+
+
+@register_cell("bottleneck_lstm")
+def bottleneck_lstm(m: int, n: int, cfg: RecurrentConfig) -> RecurrentCell:
+    return BottleneckLSTM(m, n, cfg.activation, cfg.forget_bias, cfg.depthwise_input)
+
+
+@register_cell("lstm")
+def conv_lstm(m: int, n: int, cfg: RecurrentConfig) -> RecurrentCell:
+    return ConvLSTM(m, cfg.activation, cfg.forget_bias)
+
+
+@register_cell("gru")
+def conv_gru(m: int, n: int, cfg: RecurrentConfig) -> RecurrentCell:
+    return ConvGRU(m, cfg.activation)
+
+
+@register_cell("averaging")
+def averaging(m: int, n: int, cfg: RecurrentConfig) -> RecurrentCell:
+    return Averaging(m, cfg.averaging_weight)
+
+
+def build_cell(kind: RecurrentType, m: int, n: int, cfg: RecurrentConfig) -> RecurrentCell:
     """The one way to make a recurrent layer; `n` only matters for the Bottleneck-LSTM."""
-    if kind == RecurrentType.bottleneck_lstm:
-        return BottleneckLSTM(m, n, cfg.activation, cfg.forget_bias, cfg.depthwise_input)
-    if kind == RecurrentType.lstm:
-        return ConvLSTM(m, cfg.activation, cfg.forget_bias)
-    if kind == RecurrentType.gru:
-        return ConvGRU(m, cfg.activation)
-    if kind == RecurrentType.averaging:
-        return Averaging(m, cfg.averaging_weight)
-    raise ValueError(f"model.recurrent.type: no layer for {kind}")
+    if kind.value not in CELLS:
+        raise ValueError(f"model.recurrent.type: no layer for {kind.value}; valid: {', '.join(CELLS)}")
+    return CELLS[kind.value](m, n, cfg)

@@ -33,11 +33,12 @@ class Cost:
         return {"params": self.params, "macs": self.macs, "input_size": self.input_size, "components": self.components}
 
 
-def _component(module_name: str) -> str:
-    """Map a module path of LSTMSSD to its cost component."""
+def _component(net: LSTMSSD, module_name: str) -> str:
+    """Map a module path of LSTMSSD to its cost component; a recurrent cell names its own group."""
     top = module_name.split(".")[0]
     if top == "cells":
-        return "lstm:" + module_name.split(".")[1]
+        key = module_name.split(".")[1]
+        return f"{net.cells[key].cost_group}:{key}"
     return {"base": "base", "fm": "ssd_feature_maps", "heads_box": "heads", "heads_class": "heads"}[top]
 
 
@@ -60,7 +61,7 @@ def count_cost(net: LSTMSSD) -> Cost:
     components: Dict[str, Dict[str, int]] = {}
     for name, module in net.named_modules():
         if isinstance(module, nn.Conv2d):
-            entry = components.setdefault(_component(name), {"params": 0, "macs": 0})
+            entry = components.setdefault(_component(net, name), {"params": 0, "macs": 0})
             entry["params"] += sum(p.numel() for p in module.parameters(recurse=False))
     was_training = net.training
     net.eval()
@@ -73,7 +74,7 @@ def count_cost(net: LSTMSSD) -> Cost:
     net.train(was_training)
     for name, module in net.named_modules():
         if isinstance(module, nn.Conv2d):
-            components[_component(name)]["macs"] += int(by_module.get("net." + name, {}).get("conv", 0))
+            components[_component(net, name)]["macs"] += int(by_module.get("net." + name, {}).get("conv", 0))
     total_params = sum(c["params"] for c in components.values())
     total_macs = sum(c["macs"] for c in components.values())
     if total_macs != int(analysis.by_operator()["conv"]):  # every conv belongs to a component

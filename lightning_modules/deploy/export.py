@@ -9,7 +9,7 @@ NMS on the host. The exported graph is one frame:
   scores: sigmoid of the class logits, background dropped (column k-1 = class k). NMS stays out of
   the graph: run `postprocess`'s NMS on the host.
 - state: every tensor of every recurrent layer, layers in `net.cell_order`, each layer's tensors in
-  its cell's order (`STATE_FIELDS`, e.g. Bottleneck-LSTM: c then h). Inputs are named
+  its cell's order (the cell's `state_names`, e.g. Bottleneck-LSTM: c then h). Inputs are named
   `state_<layer>_<field>`, outputs `new_state_<layer>_<field>`; zeros at the start of a video; feed
   each output back as the same-position input. A model without recurrent layers has no state.
 - A JSON sidecar `<model file>.json` describes inputs, outputs, anchors count, classes and config.
@@ -44,9 +44,6 @@ DEFAULT_SCORE_TOL = 1e-3  # sigmoid scores
 DEFAULT_SEED = 0
 FORMATS = ("executorch", "onnx")
 SUFFIX = {"executorch": ".pte", "onnx": ".onnx"}
-#: Names of each recurrent cell's state tensors, in the cell's tuple order (lightning_modules/recurrent.py).
-STATE_FIELDS = {"BottleneckLSTM": ("c", "h"), "ConvLSTM": ("c", "h"), "ConvGRU": ("h",),
-                "Averaging": ("previous", "has_previous")}
 CHECKPOINT_FORMS = ("a Lightning .ckpt with 'state_dict' (keys 'net.*') and 'hyper_parameters' (model config "
                     "under 'model' or as 'model.*' keys), or a plain torch file {'model_config', 'state_dict'} "
                     "written by save_plain_checkpoint")
@@ -174,7 +171,7 @@ class OneFrameDetector(nn.Module):
         zero = net.zero_state(1)
         self.state_specs: List[StateSpec] = []
         for layer, cell_state in zip(net.cell_order, zero):
-            names = STATE_FIELDS.get(type(net.cells[layer]).__name__, tuple(f"s{i}" for i in range(len(cell_state))))
+            names = net.cells[layer].state_names or tuple(f"s{i}" for i in range(len(cell_state)))
             self.state_specs += [StateSpec(layer, n, tuple(t.shape)) for n, t in zip(names, cell_state)]
         self._layer_sizes = [len(s) for s in zero]
 
