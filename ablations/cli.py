@@ -159,6 +159,8 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lightning_modules.deploy.formats import EXPORT_FORMATS  # no torch: the formats' names only
+
     parser = argparse.ArgumentParser(prog="tafm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", nargs="?", help="a training checkpoint (.ckpt) or a plain tafm checkpoint; "
                                                       "omit to export a random-init network of --set")
     export.add_argument("--out", required=True, help="output file (.pte or .onnx); a .json sidecar is written beside it")
-    export.add_argument("--format", choices=["executorch", "onnx"], default="executorch")
+    export.add_argument("--format", choices=list(EXPORT_FORMATS), default="executorch")
     export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config without CHECKPOINT")
     export.add_argument("--parity-frames", type=int, default=20, help="frames of the eager-vs-exported parity clip")
     export.add_argument("--box-tol", type=float, default=1e-3)
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency = commands.add_parser("latency", help="single-thread latency of an exported model, or paper Table 7")
     latency.add_argument("model", nargs="?", help="an exported .pte or .onnx (from tafm export)")
     latency.add_argument("--table7", action="store_true", help="export and time paper Table 7's models")
-    latency.add_argument("--format", choices=["executorch", "onnx"], default="executorch", help="runtime for --table7")
+    latency.add_argument("--format", choices=list(EXPORT_FORMATS), default="executorch", help="runtime for --table7")
     latency.add_argument("--out-dir", default=None, help="keep --table7's exported models here")
     latency.add_argument("--frames", type=int, default=200, help="timed frames (default 200)")
     latency.add_argument("--warmup", type=int, default=20)

@@ -7,7 +7,6 @@ before and after by the fastest runtime available (lightning_modules/deploy/late
 """
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from ablations import paper
 from lightning_modules.config import Arch, ModelConfig, RecurrentConfig, RecurrentType
 from lightning_modules.markdown import markdown_table
 from lightning_modules.deploy.export import SUFFIX, export_model
+from lightning_modules.deploy.formats import installed as installed_format
 from lightning_modules.deploy.latency import (DEFAULT_FRAMES, DEFAULT_PIN_CORE, DEFAULT_THREADS, DEFAULT_WARMUP, RUNTIME_NAMES,
                                        WEIGHTS_NOTE, LatencyResult, PeakResult, cpu_name, measure_latencies,
                                        measure_peak, placement)
@@ -26,7 +26,6 @@ from lightning_modules.network import create_model
 
 TABLE7_ROUNDS = 3
 HEADLINE = "executorch"
-_MODULES = {"executorch": "executorch.runtime", "onnx": "onnxruntime"}
 
 
 def table7_models() -> List[tuple]:
@@ -46,10 +45,7 @@ def table7_models() -> List[tuple]:
 
 def installed(runtime: str) -> bool:
     """True if the runtime's Python package imports here (a dotted name whose parent is missing is not)."""
-    try:
-        return importlib.util.find_spec(_MODULES[runtime]) is not None
-    except ModuleNotFoundError:
-        return False
+    return installed_format(runtime)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_modules.anchors import BoxCoder
 from lightning_modules.config import ModelConfig, flat_config, nest, plain_config, validate_model
+from lightning_modules.deploy.formats import EXPORT_FORMATS, SUFFIX, export_format
 from lightning_modules.markdown import markdown_table
 from lightning_modules.network import LSTMSSD, create_model
 
@@ -42,8 +43,7 @@ DEFAULT_PARITY_FRAMES = 20
 DEFAULT_BOX_TOL = 1e-3  # normalized box coordinates
 DEFAULT_SCORE_TOL = 1e-3  # sigmoid scores
 DEFAULT_SEED = 0
-FORMATS = ("executorch", "onnx")
-SUFFIX = {"executorch": ".pte", "onnx": ".onnx"}
+FORMATS = EXPORT_FORMATS  # name -> format; `fmt in FORMATS`, `", ".join(FORMATS)` read its names
 CHECKPOINT_FORMS = ("a Lightning .ckpt with 'state_dict' (keys 'net.*') and 'hyper_parameters' (model config "
                     "under 'model' or as 'model.*' keys), or a plain torch file {'model_config', 'state_dict'} "
                     "written by save_plain_checkpoint")
@@ -258,20 +258,8 @@ def one_frame_for_xnnpack(exported: torch.export.ExportedProgram) -> int:
 
 def lower_to_file(module: nn.Module, example_inputs: Tuple[Tensor, ...], path: Path, fmt: str,
                   input_names: Sequence[str], output_names: Sequence[str]) -> None:
-    """Write `module` as an ExecuTorch .pte (XNNPACK) or an ONNX file; names are used by ONNX only."""
-    if fmt == "executorch":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-
-        exported = torch.export.export(module, example_inputs)
-        one_frame_for_xnnpack(exported)
-        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-        path.write_bytes(program.to_executorch().buffer)
-    elif fmt == "onnx":
-        torch.onnx.export(module, example_inputs, str(path), input_names=list(input_names),
-                          output_names=list(output_names), dynamo=True, external_data=False, verbose=False)
-    else:
-        raise ValueError(f"export format {fmt!r} is not supported; valid: {', '.join(FORMATS)}")
+    """Write `module` in export format `fmt` (lightning_modules/deploy/formats.py); names are used by ONNX only."""
+    export_format(fmt).lower(module, example_inputs, path, input_names, output_names)
 
 
 def format_of(path: Union[str, Path]) -> str:
@@ -280,37 +268,18 @@ def format_of(path: Union[str, Path]) -> str:
     for fmt, known in SUFFIX.items():
         if suffix == known:
             return fmt
-    raise ValueError(f"{path}: unknown model file type {suffix!r}; valid: .pte (executorch), .onnx (onnx)")
+    valid = ", ".join(f"{known} ({fmt})" for fmt, known in SUFFIX.items())
+    raise ValueError(f"{path}: unknown model file type {suffix!r}; valid: {valid}")
 
 
 def load_runtime(path: Union[str, Path], threads: Optional[int] = None) -> Callable[[Sequence[Tensor]], List[Tensor]]:
     """A callable running the exported model: list of input tensors -> list of output tensors (fresh copies,
     safe to feed back). onnxruntime: `threads` intra-op threads (None: its default), inter-op 1, sequential;
-    ExecuTorch: its global threadpool as set (latency.set_executorch_threads)."""
+    ExecuTorch: its global threadpool as set (formats.set_executorch_threads)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} does not exist")
-    if format_of(path) == "onnx":
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-
-        def run_onnx(inputs: Sequence[Tensor]) -> List[Tensor]:
-            outputs = session.run(None, {n: t.detach().numpy() for n, t in zip(names, inputs)})
-            return [torch.from_numpy(o) for o in outputs]
-        return run_onnx
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(str(path)).load_method("forward")
-
-    def run_executorch(inputs: Sequence[Tensor]) -> List[Tensor]:
-        return [o.clone() for o in method.execute(list(inputs))]  # outputs may live in the method's planned memory
-    return run_executorch
+    return export_format(format_of(path)).load(path, threads)
 
 
 # ---------------------------------------------------------------- parity

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_modules.deploy.export import FORMATS, SUFFIX, format_of, load_runtime, lower_to_file, read_sidecar
+from lightning_modules.deploy.formats import EXPORT_FORMATS
 from lightning_modules.markdown import markdown_row, markdown_table
 
 #: Defaults of the measurement (one place).
@@ -38,7 +39,7 @@ DEFAULT_PIN_CORE = 0
 # ceiling here, and exported models then scored "above 100%" of it.
 PEAK_SIZES = (256, 512, 1024)
 PEAK_REPEATS = 10
-PEAK_RUNTIMES = ("torch", "executorch", "onnx")
+PEAK_RUNTIMES = ("torch", *EXPORT_FORMATS)
 DEFAULT_ROUNDS = 1
 CLIP_FRAMES = 8  # distinct random frames cycled through during timing
 WEIGHTS_NOTE = "random-init weights: latency does not depend on weight values"
@@ -71,22 +72,12 @@ def pinned(pin_core: Optional[int], threads: int) -> Iterator[None]:
         os.sched_setaffinity(0, allowed)
 
 
-def set_executorch_threads(threads: int) -> int:
-    """Recreate ExecuTorch's global threadpool (XNNPACK runs on it) with `threads` threads, which inherit the
-    calling thread's affinity; returns the previous size."""
-    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
-
-    previous = int(_threadpool_get_thread_count())
-    _unsafe_reset_threadpool(threads)
-    return previous
-
-
 def available_runtimes() -> List[str]:
     """The runtimes of PEAK_RUNTIMES installed here (torch always)."""
     found = ["torch"]
-    for runtime, module in (("executorch", "executorch.runtime"), ("onnx", "onnxruntime")):
+    for runtime in EXPORT_FORMATS:
         with contextlib.suppress(ImportError):
-            importlib.import_module(module)
+            importlib.import_module(EXPORT_FORMATS[runtime].runtime)
             found.append(runtime)
     return found
 
@@ -95,17 +86,18 @@ def available_runtimes() -> List[str]:
 def _measuring(runtimes: Sequence[str], threads: int, pin_core: Optional[int]) -> Iterator[None]:
     """Pin, then size torch's threads and (ExecuTorch) its global threadpool inside the pin so its workers start
     pinned; on exit unpin first, then restore both, so the restored workers are not left on the pinned cores."""
-    previous, torch_threads = None, torch.get_num_threads()
+    previous, torch_threads = {}, torch.get_num_threads()
+    pools = {r: EXPORT_FORMATS[r].set_threads for r in runtimes if r in EXPORT_FORMATS and EXPORT_FORMATS[r].set_threads}
     try:
         with pinned(pin_core, threads):
             torch.set_num_threads(threads)
-            if "executorch" in runtimes:
-                previous = set_executorch_threads(threads)
+            for runtime, set_threads in pools.items():
+                previous[runtime] = set_threads(threads)
             yield
     finally:
         torch.set_num_threads(torch_threads)
-        if previous is not None:
-            set_executorch_threads(previous)
+        for runtime, size in previous.items():
+            pools[runtime](size)
 
 
 def _threads(threads: int) -> str:
@@ -129,7 +121,7 @@ def _time_calls(call, count: int) -> List[float]:
     return times
 
 
-RUNTIME_NAMES = {"torch": "torch (MKL/oneDNN sgemm)", "executorch": "ExecuTorch (XNNPACK)", "onnx": "onnxruntime (MLAS)"}
+RUNTIME_NAMES = {"torch": "torch (MKL/oneDNN sgemm)", **{f.name: f.label for f in EXPORT_FORMATS.values()}}
 
 
 @dataclass
