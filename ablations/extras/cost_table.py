@@ -36,6 +36,23 @@ def _fmt(value: Optional[float], decimals: int) -> str:
     return "–" if value is None else f"{value:.{decimals}f}"
 
 
+# How each cost table compares with the paper (printed under it).
+TABLE3_NOTE = ("The paper's Bottleneck-LSTM MAC figure (34M, 5.6M) equals the bottleneck convolution alone "
+               "(3x3 depthwise over [x, h] + 1x1 to N); its params column counts the whole cell, and Table 4 "
+               "counts the whole cell's MACs. The delta for that row compares the bottleneck conv alone.")
+TABLE4_NOTE = ("The paper leaves the LSTM width after FM1/FM2 open. `quarter` (N = M/4, our default, the most "
+               "literal reading of alpha_lstm = 0.25 alpha_base) and `half` (N = M/2) are both shown: the "
+               "paper's params for rows 3-6 fit `half`.")
+TABLE5_NOTE = ("Mobilenet-SSD here is the full MobileNetV1 (slim Conv2d_13 kept) + 4 depthwise extra layers at "
+               "alpha*[512,256,256,128] + the same depthwise heads: the closest fit found, not exact. `lstm_ssd` "
+               "is the final model (Bottleneck-LSTMs after conv13 and fm1..fm4) under both width rules.")
+
+
+def _section(title: str, header: Sequence[str], rows: List[list], note: str) -> List[str]:
+    """A `### title` section: the table, then a note on how it compares with the paper."""
+    return [f"### {title}", "", *_table(header, rows), "", note]
+
+
 def table3() -> List[str]:
     """Recurrent layer alone, placed after conv13 (paper Table 3)."""
     rows = []
@@ -48,13 +65,9 @@ def table3() -> List[str]:
         compared = float(bottleneck) if bottleneck else macs
         rows.append([alpha, kind, f"{params:.3f}", _fmt(p_params, 2), delta(params, p_params, 2),
                      f"{macs:.1f}", bottleneck, _fmt(p_macs, mac_decimals), delta(compared, p_macs, mac_decimals)])
-    lines = ["### Table 3: recurrent layer only (after conv13)", ""]
-    lines += _table(["alpha", "type", "params M", "paper", "delta", "MAC M (whole cell)",
-                     "MAC M (bottleneck conv)", "paper", "delta"], rows)
-    lines += ["", "The paper's Bottleneck-LSTM MAC figure (34M, 5.6M) equals the bottleneck convolution alone "
-              "(3x3 depthwise over [x, h] + 1x1 to N); its params column counts the whole cell, and Table 4 "
-              "counts the whole cell's MACs. The delta for that row compares the bottleneck conv alone."]
-    return lines
+    header = ["alpha", "type", "params M", "paper", "delta", "MAC M (whole cell)", "MAC M (bottleneck conv)", "paper",
+              "delta"]
+    return _section("Table 3: recurrent layer only (after conv13)", header, rows, TABLE3_NOTE)
 
 
 def table4() -> List[str]:
@@ -75,11 +88,7 @@ def table4() -> List[str]:
     header = ["placement", "fm width rule"]
     for alpha in (0.5, 1.0):
         header += [f"params M a={alpha}", "paper", "delta", f"MAC B a={alpha}", "paper", "delta"]
-    lines = ["### Table 4: multiple Bottleneck-LSTMs", ""] + _table(header, rows)
-    lines += ["", "The paper leaves the LSTM width after FM1/FM2 open. `quarter` (N = M/4, our default, the most "
-              "literal reading of alpha_lstm = 0.25 alpha_base) and `half` (N = M/2) are both shown: the paper's "
-              "params for rows 3-6 fit `half`."]
-    return lines
+    return _section("Table 4: multiple Bottleneck-LSTMs", header, rows, TABLE4_NOTE)
 
 
 def table5() -> List[str]:
@@ -98,12 +107,8 @@ def table5() -> List[str]:
             params, macs = cost.params / 1e6, cost.macs / 1e9
             rows.append([f"{arch} a={alpha}{label}", f"{params:.3f}", _fmt(p_params, 2), delta(params, p_params, 2),
                          f"{macs:.3f}", _fmt(p_macs, 2), delta(macs, p_macs, 2)])
-    lines = ["### Table 5: final models", ""]
-    lines += _table(["model", "params M", "paper", "delta", "MAC B", "paper", "delta"], rows)
-    lines += ["", "Mobilenet-SSD here is the full MobileNetV1 (slim Conv2d_13 kept) + 4 depthwise extra layers at "
-              "alpha*[512,256,256,128] + the same depthwise heads: the closest fit found, not exact. `lstm_ssd` is the "
-              "final model (Bottleneck-LSTMs after conv13 and fm1..fm4) under both width rules."]
-    return lines
+    return _section("Table 5: final models", ["model", "params M", "paper", "delta", "MAC B", "paper", "delta"], rows,
+                    TABLE5_NOTE)
 
 
 def cost_tables() -> str:
