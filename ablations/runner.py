@@ -166,10 +166,9 @@ def _nothing_evaluated(cfg: TafmConfig, ctx: TrialContext) -> UserError:
 
 def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log) -> Dict[str, Any]:
     cost = count_cost(create_model(cfg.model))
-    recurrent = [c for name, c in cost.components.items() if name.startswith("lstm:")]
     metrics: Dict[str, Any] = {"params": cost.params, "macs": cost.macs,
-                               "params_recurrent": sum(c["params"] for c in recurrent),
-                               "macs_recurrent": sum(c["macs"] for c in recurrent)}
+                               "params_recurrent": cost.recurrent_total("params"),
+                               "macs_recurrent": cost.recurrent_total("macs")}
     search = ctx.suite.search or {}
     if "max_macs" in search and cost.macs > float(search["max_macs"]):
         import optuna

@@ -75,6 +75,7 @@ def test_a_registered_cell_trains_exports_and_counts(toy, root, tmp_path):
 
     cost = count_cost(create_model(model))
     assert cost.components["toy:conv13_0"]["params"] > 0 and cost.components["toy:conv13_0"]["macs"] > 0
+    assert cost.recurrent == ["toy:conv13_0"] and cost.recurrent_total("params") == cost.components["toy:conv13_0"]["params"]
 
     exported = export_model(str(result.checkpoint), tmp_path / "toy.onnx", "onnx", parity_frames=3)
     assert exported.parity.ok

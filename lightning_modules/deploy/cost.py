@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -28,6 +28,11 @@ class Cost:
     macs: int
     input_size: int
     components: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    recurrent: List[str] = field(default_factory=list)  # the components that are recurrent layers
+
+    def recurrent_total(self, what: str) -> int:
+        """Parameters (`params`) or MACs (`macs`) of the recurrent layers together."""
+        return sum(self.components[name][what] for name in self.recurrent)
 
     def as_dict(self) -> dict:
         return {"params": self.params, "macs": self.macs, "input_size": self.input_size, "components": self.components}
@@ -79,7 +84,9 @@ def count_cost(net: LSTMSSD) -> Cost:
     total_macs = sum(c["macs"] for c in components.values())
     if total_macs != int(analysis.by_operator()["conv"]):  # every conv belongs to a component
         raise RuntimeError(f"cost: per-component MACs {total_macs} != fvcore conv total {analysis.by_operator()['conv']}")
-    return Cost(total_params, total_macs, net.input_size, dict(sorted(components.items())))
+    recurrent = sorted({_component(net, f"cells.{key}") for key in net.cells})
+    return Cost(total_params, total_macs, net.input_size, dict(sorted(components.items())),
+                [name for name in recurrent if name in components])
 
 
 def bottleneck_conv_macs(net: LSTMSSD, key: str) -> int:
