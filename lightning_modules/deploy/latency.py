@@ -146,8 +146,8 @@ class PeakResult:
                 f"best of {PEAK_REPEATS} calls, {_threads(self.threads)}" + (f" (others: {others})" if others else ""))
 
     def format(self) -> str:
-        return (f"| peak ({RUNTIME_NAMES.get(self.runtime, self.runtime)}, {self.what}, {_threads(self.threads)}) | "
-                f"{self.best_ms:.2f} ms | {self.macs / 1e9:.3f} GMAC | {self.macs_per_s / 1e9:.1f} GMAC/s |")
+        return markdown_row([f"peak ({RUNTIME_NAMES.get(self.runtime, self.runtime)}, {self.what}, {_threads(self.threads)})",
+                             f"{self.best_ms:.2f} ms", f"{self.macs / 1e9:.3f} GMAC", f"{self.macs_per_s / 1e9:.1f} GMAC/s"])
 
 
 def _export_gemm(runtime: str, n: int, folder: Path) -> Optional[Path]:
