@@ -223,17 +223,20 @@ def _fit(model, data: DataConfig, train: TrainConfig, resume: bool, root: Option
 
 def evaluate(model: Any, data: Optional[DataConfig] = None, train: Optional[TrainConfig] = None, *,
              checkpoint: Optional[Path | str] = None, use_ema: Optional[bool] = None,
-             root: Optional[Path | str] = None, trainer_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+             root: Optional[Path | str] = None, trainer_overrides: Optional[Dict[str, Any]] = None,
+             matches: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, float]:
     """Online evaluation only (the validation streams of `data`): the weights of `checkpoint` (its EMA
     weights when it has them and use_ema is not False), or the seeded initialisation of `fit` when
-    checkpoint is None. Returns the logged val*/ metrics."""
+    checkpoint is None. Returns the logged val*/ metrics; a `matches` dict is filled with each stream's
+    devkit matches by video (`VidEvaluator.per_video`, for reports.significance)."""
     model, data, train = _split(model, data, train)
     with cpu_threads(train):
-        return _evaluate(model, data, train, checkpoint, use_ema, root, trainer_overrides)
+        return _evaluate(model, data, train, checkpoint, use_ema, root, trainer_overrides, matches)
 
 
 def _evaluate(model, data: DataConfig, train: TrainConfig, checkpoint: Optional[Path | str], use_ema: Optional[bool],
-              root: Optional[Path | str], trainer_overrides: Optional[Dict[str, Any]]) -> Dict[str, float]:
+              root: Optional[Path | str], trainer_overrides: Optional[Dict[str, Any]],
+              matches: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, float]:
     pl.seed_everything(train.seed, workers=True, verbose=False)
     datamodule = TrainingDataModule(data, model.input_size, resolve_root(data, root), train.eval_clean_and_occluded)
     module = LSTMSSDModule(model, train)
@@ -246,4 +249,6 @@ def _evaluate(model, data: DataConfig, train: TrainConfig, checkpoint: Optional[
     kwargs.update(trainer_overrides or {})
     trainer = pl.Trainer(**kwargs)
     trainer.validate(module, datamodule=datamodule, verbose=False)
+    if matches is not None:
+        matches.update(module.val_matches)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}

@@ -71,6 +71,8 @@ class LSTMSSDModule(pl.LightningModule):
         self._val_state: Dict[int, Tuple] = {}
         self._val_video: Dict[int, str] = {}
         self.last_val_step: Optional[int] = None
+        # per stream, the devkit matches by video of the last validation (reports.significance)
+        self.val_matches: Dict[str, Dict[str, np.ndarray]] = {}
 
     # --- frozen BatchNorm (paper Sec. 4.1 "freeze the weights in the base network") -------------
     def train(self, mode: bool = True) -> "LSTMSSDModule":
@@ -160,6 +162,7 @@ class LSTMSSDModule(pl.LightningModule):
         for index in indices:
             metrics = self.evaluate_records(records[index])
             prefix = self._stream(index)
+            self.val_matches[prefix] = metrics["per_video"]
             flat = {f"{prefix}/vid_map50": metrics["vid_map50"], f"{prefix}/coco_ap50": metrics["coco_ap50"],
                     f"{prefix}/num_frames": float(metrics["num_frames"])}
             flat.update({f"{prefix}/ap/{name}": ap for name, ap in metrics["per_class_ap"].items()})
@@ -168,9 +171,10 @@ class LSTMSSDModule(pl.LightningModule):
         self.last_val_step = self.global_step
 
     def evaluate_records(self, records: List[Tuple]) -> Dict[str, Any]:
-        """VidEvaluator over per-frame records (video, frame, gt boxes/labels/tracks, detections)."""
+        """VidEvaluator over per-frame records (video, frame, gt boxes/labels/tracks, detections); its
+        metrics plus `per_video`, the matches by video that a paired bootstrap resamples."""
         names = CLASS_NAMES if self.model_cfg.num_classes == len(CLASS_NAMES) else None
         evaluator = VidEvaluator(class_names=names, num_classes=self.model_cfg.num_classes)
         for video, frame, gt_boxes, gt_labels, tracks, boxes, scores, labels in records:
             evaluator.update(video, frame, gt_boxes, gt_labels, tracks, boxes.astype(np.float64), scores, labels)
-        return evaluator.compute()
+        return {**evaluator.compute(), "per_video": evaluator.per_video()}
