@@ -20,12 +20,13 @@ from ablations.config import TafmConfig, UserError, to_flat_dict
 from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
-from ablations.records import occluded_name
+from ablations.records import matches_artifact, occluded_name
 from ablations.tracking import TrialRun
 from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
+from reports.significance import VideoMatches
 
 STAGES_DIR = "_stages"
 DONE = "done.json"
@@ -127,20 +128,27 @@ def _describe(cfg: TafmConfig) -> str:
     return f"{cfg.model.recurrent.type.value} after {'+'.join(cfg.model.recurrent.after)}"
 
 
-def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, list]) -> Dict[str, float]:
-    """Clean evaluation plus one per occlusion probability (all models see the same occlusions)."""
+def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, list],
+                      matches_dir: Optional[Path] = None, relative_to: Optional[Path] = None) -> Dict[str, Any]:
+    """Clean evaluation plus one per occlusion probability (all models see the same occlusions).
+
+    With `matches_dir`, each evaluation's devkit matches by video are kept there (`p<level>.npz`, for the
+    reports' paired bootstrap) and returned as artifacts (`artifact.matches.p<level>`: the path relative
+    to `relative_to`, the suite's run directory)."""
     from lightning_modules.fit import evaluate
 
-    metrics: Dict[str, float] = {}
-    clean = copy.deepcopy(cfg)
-    clean.data.occlusion_p = 0.0
-    metrics.update(evaluate(clean.model, clean.data, clean.train, checkpoint=checkpoint))
-    for p in variants.get("occlusion_p", []):
-        occluded = copy.deepcopy(cfg)
-        occluded.data.occlusion_p = float(p)
-        occluded.train.eval_clean_and_occluded = False
-        for key, value in evaluate(occluded.model, occluded.data, occluded.train, checkpoint=checkpoint).items():
-            metrics[occluded_name(p, key)] = value
+    metrics: Dict[str, Any] = {}
+    for p in [0.0, *variants.get("occlusion_p", [])]:
+        stream = copy.deepcopy(cfg)
+        stream.data.occlusion_p = float(p)
+        if p:
+            stream.train.eval_clean_and_occluded = False
+        kept: Dict[str, Dict[str, Any]] = {}
+        values = evaluate(stream.model, stream.data, stream.train, checkpoint=checkpoint, matches=kept)
+        metrics.update(values if not p else {occluded_name(p, key): value for key, value in values.items()})
+        if matches_dir is not None and "val" in kept:
+            path = VideoMatches.from_arrays(kept["val"]).save(Path(matches_dir) / f"p{float(p):g}.npz")
+            metrics[matches_artifact(p)] = str(path.relative_to(relative_to) if relative_to else path)
     return metrics
 
 
@@ -182,14 +190,15 @@ def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log
         # search suites prune hopeless trials (MedianPruner) from the validations of their own stage
         pruning = [OptunaPruning(ctx.trial, ctx.suite.metric)] if ctx.suite.search else []
         checkpoint = trained_stage(cfg, runs_dir, log, callbacks=pruning)
-        metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate))
+        metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate, ctx.run_dir / "matches",
+                                          runs_dir / ctx.suite.name))
         metrics.update(single_frame_cap_metric(cfg))
         if not any(key.startswith("val/") for key in metrics):
             raise _nothing_evaluated(cfg, ctx)
         if cfg.sweep.latency:
             metrics.update(_latency(cfg, checkpoint, ctx.run_dir))
         metrics["checkpoint"] = str(checkpoint)
-        tracked.log({k: v for k, v in metrics.items() if k != "checkpoint"})
+        tracked.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracked.summary(metrics)
     return metrics
 
