@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ablations.records import TrialRecord
 
 #: The report's footer: how the intervals were computed.
 METHOD = ("Intervals: paired bootstrap over val videos ({resamples} seeded resamples, seed {seed}). A resample "
@@ -24,6 +27,8 @@ METHOD = ("Intervals: paired bootstrap over val videos ({resamples} seeded resam
           "are averaged. Shown: the difference on all videos, mean over seeds, and the 2.5th-97.5th "
           "percentile of the resampled differences; an interval containing 0 is marked not significant.")
 
+RESAMPLES = 1000  #: resamples per interval, by default
+SEED = 0  #: the resampling seed, by default
 _FIELDS = ("video", "label", "score", "tp", "videos", "npos")
 _CELLS_PER_CHUNK = 20_000_000  # resamples x detections held at once (memory bound on large val sets)
 
@@ -128,7 +133,7 @@ class Difference:
         return text if self.significant else f"{text} not significant"
 
 
-def paired_bootstrap(pairs: Sequence[Tuple[VideoMatches, VideoMatches]], resamples: int = 1000, seed: int = 0,
+def paired_bootstrap(pairs: Sequence[Tuple[VideoMatches, VideoMatches]], resamples: int = RESAMPLES, seed: int = SEED,
                      level: float = 0.95) -> Difference:
     """Interval of mean(row - baseline) over seeds; pairs holds one (row, baseline) per seed.
 
@@ -153,3 +158,37 @@ def paired_bootstrap(pairs: Sequence[Tuple[VideoMatches, VideoMatches]], resampl
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(samples, [tail, 100.0 - tail])
     return Difference(float(np.mean(deltas)), float(low), float(high), len(pairs), resamples)
+
+
+def _load_cached(path: Path, cache: Dict[Path, VideoMatches]) -> VideoMatches:
+    if path not in cache:
+        cache[path] = VideoMatches.load(path)
+    return cache[path]
+
+
+def seed_pairs(rows: Sequence["TrialRecord"], baseline: Sequence["TrialRecord"], occlusion: float, base_dir: Path,
+               cache: Optional[Dict[Path, VideoMatches]] = None) -> List[Tuple[VideoMatches, VideoMatches]]:
+    """(row, baseline) matches of every seed both groups ran, at one occlusion level; a seed whose
+    matches were not kept (records written before tafm kept them) is left out."""
+    from ablations.records import matches_name
+
+    cache = {} if cache is None else cache
+    name = matches_name(occlusion)
+    by_seed = {r.seed: r for r in baseline if name in r.artifacts}
+    pairs = []
+    for row in sorted(rows, key=lambda r: r.seed):
+        base = by_seed.get(row.seed)
+        if base is None or name not in row.artifacts:
+            continue
+        pairs.append((_load_cached(Path(base_dir) / row.artifacts[name], cache),
+                      _load_cached(Path(base_dir) / base.artifacts[name], cache)))
+    return pairs
+
+
+def compare(rows: Sequence["TrialRecord"], baseline: Sequence["TrialRecord"], occlusion: float, base_dir: Path,
+            resamples: int = RESAMPLES, seed: int = SEED,
+            cache: Optional[Dict[Path, VideoMatches]] = None) -> Optional[Difference]:
+    """The row's difference from the baseline at one occlusion level, pooled over the seeds both ran;
+    None when no seed kept its matches."""
+    pairs = seed_pairs(rows, baseline, occlusion, base_dir, cache)
+    return paired_bootstrap(pairs, resamples, seed) if pairs else None

@@ -16,6 +16,7 @@ from ablations import paper
 from ablations.records import TrialRecord, read_results
 from lightning_modules.markdown import markdown_row, markdown_table
 from reports import paper_tables  # noqa: F401  (registers the paper's tables)
+from reports import significance
 from reports.registry import TableSpec, table_spec
 
 METRIC_NAME = "VID mAP@0.5 (ILSVRC devkit rules: per-box threshold for small boxes), in %"
@@ -81,20 +82,72 @@ def _label(key: Dict[str, object]) -> str:
 
 
 def _groups(records: List[TrialRecord]) -> List[Tuple[Dict[str, object], List[TrialRecord]]]:
+    """Rows of the table: the trials of one grid point (its axis labels), seeds pooled; records without
+    axes (older files) by their model. Two grid points that build the same model (e.g. an axis over
+    training settings) stay two rows."""
     groups: Dict[str, Tuple[Dict[str, object], List[TrialRecord]]] = {}
     for record in records:
         key = _row_key(record)
-        groups.setdefault(json.dumps(key, sort_keys=True, default=str), (key, []))[1].append(record)
+        identity = record.axes or key
+        groups.setdefault(json.dumps(identity, sort_keys=True, default=str), (key, []))[1].append(record)
     return list(groups.values())
 
 
-def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
-    """The markdown rows of one suite's table, in the paper's layout where it has one."""
+def _labels(groups: List[Tuple[Dict[str, object], List[TrialRecord]]]) -> List[str]:
+    """Each row's model; where two rows build the same model, their axis values too."""
+    labels = [_label(key) for key, _ in groups]
+    for i, (_, rows) in enumerate(groups):
+        if labels.count(labels[i]) > 1 and rows[0].axes:
+            labels[i] += " (" + ", ".join(f"{k}={v}" for k, v in rows[0].axes.items()) + ")"
+    return labels
+
+
+def _baseline(groups: List[Tuple[Dict[str, object], List[TrialRecord]]], key: Dict[str, object]) -> Optional[int]:
+    """The row a row is compared with: the single-frame SSD (no recurrent layer) at the same alpha."""
+    candidates = [i for i, (k, _) in enumerate(groups) if k["type"] == "none"]
+    same = [i for i in candidates if groups[i][0]["alpha"] == key["alpha"]]
+    return (same or candidates or [None])[0]
+
+
+class _Significance:
+    """The 'vs baseline' cells: a paired bootstrap over val videos from the trials' kept matches."""
+
+    def __init__(self, base_dir: Optional[Path]):
+        self.base_dir, self.cache, self.computed = base_dir, {}, 0
+
+    def cell(self, rows: List[TrialRecord], baseline: Optional[List[TrialRecord]], occlusion: float) -> str:
+        if baseline is None:
+            return "–"
+        if rows is baseline:
+            return "baseline"
+        if self.base_dir is None:
+            return "–"
+        difference = significance.compare(rows, baseline, occlusion, self.base_dir, cache=self.cache)
+        if difference is None:
+            return "–"
+        self.computed += 1
+        return str(difference)
+
+    def footer(self) -> List[str]:
+        if not self.computed:
+            return []
+        return ["", "vs baseline: the row's VID mAP@0.5 minus the single-frame SSD's at the same alpha, in points, "
+                "with its 95% interval. " + significance.METHOD.format(resamples=significance.RESAMPLES, seed=significance.SEED)]
+
+
+def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path] = None) -> List[str]:
+    """The markdown rows of one suite's table, in the paper's layout where it has one. With `base_dir`
+    (runs/<suite>, where the records' artifacts lie) every row gets its paired-bootstrap interval
+    against the single-frame baseline."""
     spec = _spec(table)
     occlusion = sorted({p for r in records for p in r.occlusions if r.metric(MAP, p) is not None})
+    groups = _groups(records)
+    has_baseline = any(key["type"] == "none" for key, _ in groups)
     header = ["model", "seeds", "mAP (ours)", "paper", "delta"]
+    if has_baseline:
+        header += ["vs baseline [95% CI]"]
     for p in occlusion:
-        header += [f"mAP p={p:g} (ours)", "paper", "delta"]
+        header += [f"mAP p={p:g} (ours)", "paper", "delta"] + ([f"p={p:g} vs baseline [95% CI]"] if has_baseline else [])
     cap = _cell([r.metric("single_frame_cap") for r in records])[0]
     if cap is not None:
         header += ["vs single-frame cap"]
@@ -105,15 +158,22 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
     if latency:
         header += ["latency ms (ours, median)", "Pixel 2 big core ms", "ours / paper"]
     lines = markdown_table(header)
+    tests = _Significance(base_dir)
     baseline, control = None, False
-    for key, rows in _groups(records):
+    for label, (key, rows) in zip(_labels(groups), groups):
+        index = _baseline(groups, key)
+        base_rows = groups[index][1] if index is not None else None
         ours, text = _cell([r.metric(MAP) for r in rows])
         theirs = spec.paper_map(key, None)
-        cells = [_label(key), str(len(rows)), text, _paper(theirs), _delta(ours, theirs)]
+        cells = [label, str(len(rows)), text, _paper(theirs), _delta(ours, theirs)]
+        if has_baseline:
+            cells += [tests.cell(rows, base_rows, 0.0)]
         for p in occlusion:
             value, text_p = _cell([r.metric(MAP, p) for r in rows])
             theirs = spec.paper_map(key, p)
             cells += [text_p, _paper(theirs), _delta(value, theirs)]
+            if has_baseline:
+                cells += [tests.cell(rows, base_rows, p)]
         if cap is not None:
             cells += [_delta(ours, cap)]
         cells += [_cell([r.metric("val/coco_ap50") for r in rows])[1],
@@ -124,7 +184,7 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
             mine = float(pd.Series([r.latency.get("latency_ms_median") for r in rows], dtype=float).median())
             theirs = paper.TABLE7.get((key["arch"], key["alpha"]), (None,))[0]
             cells += [f"{mine:.1f}", _paper(theirs), "–" if theirs is None else f"{mine / theirs:.2f}"]
-        if key["type"] == "none":
+        if key["type"] == "none" and baseline is None:
             baseline = ours
             control = str(_cfg(rows[0], "sweep.single_frame_stage2")).lower() == "true"
         lines.append(markdown_row(cells))
@@ -138,6 +198,7 @@ def suite_table(table: str, records: List[TrialRecord]) -> List[str]:
                   + (", finetuned after stage 1 with the base frozen for the same steps and clips as the recurrent"
                      " rows (`sweep.single_frame_stage2`), so every row has the same training budget." if control
                      else ": the stage-1 model.")]
+    lines += tests.footer()
     return lines
 
 
@@ -164,7 +225,7 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
     spec = _spec(table)
     if spec.figure is not None:
         lines += spec.figure(records, target)
-    lines += suite_table(table, records)
+    lines += suite_table(table, records, Path(runs_dir) / suite)
     for extra in sorted((Path(runs_dir) / suite / "extras").glob("*.md")):
         lines += ["", extra.read_text().rstrip()]
     lines += ["", "## Provenance", ""] + _provenance(records)

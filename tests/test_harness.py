@@ -102,10 +102,25 @@ def test_two_concurrent_workers_never_duplicate_or_lose_a_trial(tmp_path, suite_
     assert len(pids) == 2, "both workers took trials"
 
 
-def _load_keys(suite_file):
+def test_seeds_are_spread_over_workers_like_grid_points(tmp_path, suite_file):
+    runs = tmp_path / "runs"
+    procs = [_worker(suite_file, runs, "--sleep", "0.3", "--seeds", "2", wait=False) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    keys = _load_keys(suite_file, seeds=2)
+    assert len(keys) == 12 and sorted(_calls(runs)) == sorted(keys), "each (grid point, seed) exactly once"
+    lines = (runs / "calls.log").read_text().splitlines()
+    assert len({line.split()[1] for line in lines}) == 2, "both workers took trials"
+    results = pd.read_csv(runs / "harness_test" / "results.csv")
+    assert sorted(results["seed"]) == [0] * 6 + [1] * 6
+    assert (results["config.data.seed"] == results["seed"]).all()  # each trial trained with its own seed
+
+
+def _load_keys(suite_file, seeds=1):
     from ablations.harness import grid_keys
 
-    return list(grid_keys(load_suite(str(suite_file)), RunOptions()))
+    return list(grid_keys(load_suite(str(suite_file)), RunOptions(seeds=seeds)))
 
 
 @pytest.mark.parametrize(

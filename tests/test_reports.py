@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -105,3 +106,56 @@ def test_synthetic_rows_sit_beside_the_single_frame_cap(tmp_path):
     # real VID records carry no cap: no column
     runs = _write(tmp_path / "vid", "quick", [_row("none", 0.25, 0.400, after=())])
     assert "single-frame cap" not in write_report("quick", "table3", "quick", runs, tmp_path / "r2").read_text()
+
+
+def _matches(folder, name, hits):
+    """Kept per-video matches: 8 videos, 2 gt boxes of class 1 each; `hits` true positives per video
+    (score 0.9), the rest found as false positives (score 0.8)."""
+    from reports.significance import VideoMatches
+
+    video, tp, score = [], [], []
+    for v in range(8):
+        for j in range(2):
+            video.append(v), tp.append(int(j < hits)), score.append(0.9 if j < hits else 0.8)
+    matches = VideoMatches(video=np.array(video), label=np.ones(16, dtype=np.int16), score=np.array(score),
+                           tp=np.array(tp, dtype=np.int8), videos=np.array([f"v{v}" for v in range(8)]),
+                           npos=np.tile(np.array([[0, 2]]), (8, 1)))
+    path = folder / "trials" / name / "matches" / "p0.npz"
+    matches.save(path)
+    return str(path.relative_to(folder))
+
+
+def _with_matches(row, runs_suite, hits, axis):
+    row["axis.model.recurrent.type"] = axis
+    row["metric.artifact.matches.p0"] = _matches(runs_suite, row["key"], hits)
+    return row
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_rows_carry_a_paired_bootstrap_interval_against_the_baseline(tmp_path, seeds):
+    suite = tmp_path / "runs" / "table3_recurrent"
+    rows = []
+    for seed in range(seeds):
+        rows += [_with_matches(_row("none", 0.5, 0.5, after=(), seed=seed), suite, 1, "none"),
+                 _with_matches(_row("gru", 0.5, 0.5, seed=seed), suite, 1, "gru"),  # the baseline's twin
+                 _with_matches(_row("bottleneck_lstm", 0.5, 1.0, seed=seed), suite, 2, "bottleneck_lstm")]
+    pd.DataFrame(rows).to_csv(suite / "results.csv", index=False)
+    text = write_report("table3_recurrent", "table3", "Table 3", tmp_path / "runs", tmp_path / "reports").read_text()
+    table = _table_rows(text)
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in table}
+    assert "vs baseline [95% CI]" in text and "paired bootstrap over val videos" in text
+    column = 5  # model, seeds, ours, paper, delta, vs baseline
+    assert cells["lstm_ssd a=0.5, none"][column] == "baseline"
+    assert cells["lstm_ssd a=0.5, none"][1] == str(seeds)  # seeds pooled into one row
+    assert cells["lstm_ssd a=0.5, gru after conv13"][column] == "+0.0 [+0.0, +0.0] not significant"
+    blstm = cells["lstm_ssd a=0.5, bottleneck_lstm after conv13"][column]
+    assert blstm.startswith("+50.0 [") and "not significant" not in blstm
+
+
+def test_grid_points_building_the_same_model_stay_apart(tmp_path):
+    first, second = _row("gru", 0.5, 0.40), _row("gru", 0.5, 0.60)
+    first["axis.train.lr"], second["axis.train.lr"] = "0.001", "0.01"
+    second["key"] = "gru-other"
+    runs = _write(tmp_path, "table3_recurrent", [first, second])
+    rows = _table_rows(write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text())
+    assert len(rows) == 2 and "train.lr=0.001" in rows[0] and "| 40.0 |" in rows[0] and "| 60.0 |" in rows[1]

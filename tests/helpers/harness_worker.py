@@ -1,6 +1,7 @@
 """A worker process for the harness tests: runs a suite's grid with a cheap trial function.
 
     python harness_worker.py SUITE_YAML RUNS_DIR [--kill-at KEY_PREFIX] [--sleep S] [--fail-once-at KEY_PREFIX]
+        [--storage URL] [--seeds K]
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--fail-once-at", default=None)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--storage", default=None)
+    parser.add_argument("--seeds", type=int, default=1)
     args = parser.parse_args()
     marker = Path(args.runs) / "failed-once"
 
@@ -42,7 +44,7 @@ def main() -> None:
         seed = delta.pop("seed")
         return load_config([f"data.seed={seed}"], delta=_nest(delta))
 
-    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs), storage=args.storage), trial_fn, make_config, log=lambda s: None)
+    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs), storage=args.storage, seeds=args.seeds), trial_fn, make_config, log=lambda s: None)
 
 
 if __name__ == "__main__":
