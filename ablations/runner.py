@@ -30,8 +30,11 @@ from reports.significance import VideoMatches
 
 STAGES_DIR = "_stages"
 DONE = "done.json"
-# keys that do not change what a stage trains: evaluation-only or bookkeeping
-_NOT_TRAINING = ("data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
+# keys that do not change what a stage trains: evaluation-only, bookkeeping, or speed settings that keep
+# the maths (threads, folded BatchNorm, torch.compile: same losses to float rounding; channels_last does
+# change the BatchNorm sums, so it stays in the hash)
+_NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
+                 "data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
                  "data.max_val_videos", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
                  "train.csv_logger", "train.log_every_n_steps", "train.eval_clean_and_occluded",
                  "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames")
@@ -51,6 +54,8 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single.model.recurrent.after = []
     single.model.alpha_lstm = None  # no recurrent layer: Figure 4's widths share one stage 1
     single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
+    single.train.distill_steps = 0  # stage 2's warm start: stage 1 has no teacher, so one stage 1 for any value
+    single.train.distill_weight = 1.0
     if cfg.sweep.stage1_max_steps is not None:
         single.train.max_steps = cfg.sweep.stage1_max_steps
     if cfg.sweep.stage1_lr is not None:

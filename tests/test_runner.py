@@ -89,3 +89,17 @@ def test_lstm_widths_share_one_stage1(fits, tmp_path):
         cfg.model.alpha_lstm = float(width)
         trained_stage(cfg, tmp_path, log=lambda s: None)
     assert [c.type for c in fits] == ["none", "bottleneck_lstm", "bottleneck_lstm"]
+
+
+def test_speed_settings_and_stage2_warm_start_do_not_split_the_stage_cache():
+    base = _cfg("gru", True)
+    fast = load_config(["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
+                        "data.clip_length=10", "sweep.stage1_max_steps=6", "sweep.stage1_clip_length=2",
+                        "sweep.single_frame_stage2=True", "train.threads=0", "train.fold_bn=false",
+                        "train.compile=true", "train.distill_steps=50"])
+    assert runner.stage_hash(runner.stage1_config(base)) == runner.stage_hash(runner.stage1_config(fast))
+    assert runner.stage_hash(base) != runner.stage_hash(fast)  # the warm start does change stage 2
+    nhwc = load_config(["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
+                        "data.clip_length=10", "sweep.stage1_max_steps=6", "sweep.stage1_clip_length=2",
+                        "sweep.single_frame_stage2=True", "train.channels_last=true"])
+    assert runner.stage_hash(base) != runner.stage_hash(nhwc)  # NHWC BatchNorm sums differently
