@@ -102,11 +102,12 @@ def _labels(groups: List[Tuple[Dict[str, object], List[TrialRecord]]]) -> List[s
     return labels
 
 
-def _baseline(groups: List[Tuple[Dict[str, object], List[TrialRecord]]], key: Dict[str, object]) -> Optional[int]:
-    """The row a row is compared with: the single-frame SSD (no recurrent layer) at the same alpha."""
-    candidates = [i for i, (k, _) in enumerate(groups) if k["type"] == "none"]
-    same = [i for i in candidates if groups[i][0]["alpha"] == key["alpha"]]
-    return (same or candidates or [None])[0]
+def _baseline(groups: List[Tuple[Dict[str, object], List[TrialRecord]]], key: Dict[str, object]) -> int:
+    """The row a row is compared with: the single-frame SSD (no recurrent layer) at the same alpha, else
+    (suites without one: Table 4, Figure 4, searches) the suite's first row at that alpha."""
+    same = [i for i, (k, _) in enumerate(groups) if k["alpha"] == key["alpha"]]
+    single = [i for i in same if groups[i][0]["type"] == "none"]
+    return (single or same)[0]
 
 
 class _Significance:
@@ -115,9 +116,7 @@ class _Significance:
     def __init__(self, base_dir: Optional[Path]):
         self.base_dir, self.cache, self.computed = base_dir, {}, 0
 
-    def cell(self, rows: List[TrialRecord], baseline: Optional[List[TrialRecord]], occlusion: float) -> str:
-        if baseline is None:
-            return "–"
+    def cell(self, rows: List[TrialRecord], baseline: List[TrialRecord], occlusion: float) -> str:
         if rows is baseline:
             return "baseline"
         if self.base_dir is None:
@@ -131,8 +130,8 @@ class _Significance:
     def footer(self) -> List[str]:
         if not self.computed:
             return []
-        return ["", "vs baseline: the row's VID mAP@0.5 minus the single-frame SSD's at the same alpha, in points, "
-                "with its 95% interval. " + significance.METHOD.format(resamples=significance.RESAMPLES, seed=significance.SEED)]
+        return ["", "vs baseline: the row's VID mAP@0.5 minus its baseline's (the single-frame SSD at the same "
+                "alpha, or where the suite has none the first row at that alpha), in points, with its 95% interval. " + significance.METHOD.format(resamples=significance.RESAMPLES, seed=significance.SEED)]
 
 
 def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path] = None) -> List[str]:
@@ -142,7 +141,7 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
     spec = _spec(table)
     occlusion = sorted({p for r in records for p in r.occlusions if r.metric(MAP, p) is not None})
     groups = _groups(records)
-    has_baseline = any(key["type"] == "none" for key, _ in groups)
+    has_baseline = len(groups) > 1
     header = ["model", "seeds", "mAP (ours)", "paper", "delta"]
     if has_baseline:
         header += ["vs baseline [95% CI]"]
@@ -161,8 +160,7 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
     tests = _Significance(base_dir)
     baseline, control = None, False
     for label, (key, rows) in zip(_labels(groups), groups):
-        index = _baseline(groups, key)
-        base_rows = groups[index][1] if index is not None else None
+        base_rows = groups[_baseline(groups, key)][1]
         ours, text = _cell([r.metric(MAP) for r in rows])
         theirs = spec.paper_map(key, None)
         cells = [label, str(len(rows)), text, _paper(theirs), _delta(ours, theirs)]

@@ -46,9 +46,10 @@ def test_table3_report_rows_paper_values_and_deltas(tmp_path):
     assert cells[1] == "2"  # two seeds
     assert cells[2] == "51.0 ± 1.4"  # mean +- std of 50.0 and 52.0
     assert cells[3] == "53.5" and cells[4] == "-2.5"  # paper Table 3 and the delta
+    assert cells[5] == "baseline"  # no single-frame row at alpha 1: the first row is the baseline
     assert "0.605" in blstm and "| 0.6 |" in blstm and "60.4" in blstm  # recurrent params/MACs vs paper
     gru = next(r for r in rows if "gru" in r)
-    assert "| 44.5 | -4.5 |" in gru
+    assert "| 44.5 | -4.5 | baseline |" in gru  # the only row at alpha 0.5
     assert "VID mAP@0.5" in text and "abc123" in text and "synthetic" in text
 
 
