@@ -50,7 +50,8 @@ def _request(args: argparse.Namespace):
 
     return SuiteRequest(args.suite, list(args.set), args.seeds, args.storage, getattr(args, "workers", 1),
                         Path(args.runs_dir), args.profile, getattr(args, "data_root", None),
-                        getattr(args, "wandb", None), Path(getattr(args, "report_dir", "reports")), args.max_trials)
+                        getattr(args, "wandb", None), Path(getattr(args, "report_dir", "reports")), args.max_trials,
+                        getattr(args, "verbose", False))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1,
                      help="trials run at once on this machine, each in its own process (default 1; 2 uses both "
                           "cores of a 2-core laptop, since each training stage runs on one thread)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every library message (exporter and Lightning warnings, C++ output) instead of "
+                          "sending them to runs/<suite>/libraries.log")
     run.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=_cmd_run)
 
@@ -239,27 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Keep tafm's own progress lines readable: no Lightning banners/tips, no library deprecation noise."""
-    import logging
-    import warnings
-
-    # child loggers: importing pytorch_lightning resets its top logger to INFO, but not these, so
-    # nothing needs importing here (that import alone costs seconds on commands that never train)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
-                 "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*treespec.*")
-    warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    os.environ.setdefault("WANDB_SILENT", "true")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_libraries()
+    if not getattr(args, "verbose", False):
+        from ablations.console import quiet_libraries
+
+        quiet_libraries()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as error:  # UserError is a ValueError

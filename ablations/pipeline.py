@@ -8,6 +8,7 @@ The `tafm run` command only parses its arguments and calls this.
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # records bring pandas: not loaded before the preflight check
     from ablations.records import TrialRecord
 
 Log = Callable[[str], None]
+LIBRARY_LOG = "libraries.log"  # library warnings and C++ output of a quiet run, per suite
 
 
 @dataclass
@@ -37,6 +39,7 @@ class SuiteRequest:
     wandb: Optional[str] = None
     report_dir: Path = Path("reports")
     max_trials: Optional[int] = None
+    verbose: bool = False  # library output on the terminal instead of runs/<suite>/libraries.log
 
     def argv(self) -> List[str]:
         args = ["run", self.suite, "--runs-dir", str(self.runs_dir), "--profile", self.profile,
@@ -47,7 +50,7 @@ class SuiteRequest:
                 args += [key, str(value)]
         for override in self.overrides:
             args += ["--set", override]
-        return args
+        return args + (["--verbose"] if self.verbose else [])
 
 
 def preflight(request: SuiteRequest) -> Tuple[Suite, List[str]]:
@@ -81,27 +84,39 @@ def run_options(request: SuiteRequest, overrides: Optional[List[str]] = None):
 def run_suite(name_or_path: str, overrides: Sequence[str] = (), seeds: int = 1, storage: Optional[str] = None,
               workers: int = 1, *, runs_dir: Path = Path("runs"), profile: str = "synthetic",
               data_root: Optional[str] = None, wandb: Optional[str] = None, report_dir: Path = Path("reports"),
-              max_trials: Optional[int] = None, log: Log = print) -> List[TrialRecord]:
+              max_trials: Optional[int] = None, verbose: bool = False, log: Log = print) -> List[TrialRecord]:
     """Run (or resume) a suite: every trial not yet recorded, then its extras and its report.
     Returns the records of every finished trial of the suite's study."""
     request = SuiteRequest(name_or_path, list(overrides), seeds, storage, workers, Path(runs_dir), profile,
-                           data_root, wandb, Path(report_dir), max_trials)
+                           data_root, wandb, Path(report_dir), max_trials, verbose)
     return run_request(request, log=log)
 
 
 def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = print) -> List[TrialRecord]:
-    """`run_suite` of a prepared request; a helper worker (`worker_only`) only runs trials."""
+    """`run_suite` of a prepared request; a helper worker (`worker_only`) only runs trials. Library
+    output goes to runs/<suite>/libraries.log unless `request.verbose`."""
     suite, overrides = preflight(request)
-    from ablations.harness import run_study
-    from ablations.runner import run_trial
-    from ablations.suite import trial_config
-    from ablations.tracking import resolve_mode, sync_command
+    from ablations.console import library_log
+    from ablations.tracking import resolve_mode
 
     mode = resolve_mode(request.wandb)
     options = run_options(request, overrides)
-    log(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; "
-        f"records in {Path(options.runs_dir) / suite.name}")
+    folder = Path(options.runs_dir) / suite.name
+    quiet = not request.verbose
+    log(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; records in {folder}"
+        + (f"; library messages in {folder / LIBRARY_LOG} (--verbose shows them)" if quiet and not worker_only else ""))
     helpers = start_workers(request) if request.workers > 1 and not worker_only else []
+    with library_log(folder / LIBRARY_LOG) if quiet else contextlib.nullcontext():
+        return _run_and_report(request, suite, options, mode, helpers, worker_only, log)
+
+
+def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, helpers: list, worker_only: bool,
+                    log: Log) -> List[TrialRecord]:
+    from ablations.harness import run_study
+    from ablations.runner import run_trial
+    from ablations.suite import trial_config
+    from ablations.tracking import sync_command
+
     records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
                         lambda delta: trial_config(options.overrides, delta), log=log)
     if worker_only:
@@ -112,10 +127,28 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
     if records:
         run_extras(suite, Path(options.runs_dir), log)
         report_suites([request.suite], Path(options.runs_dir), Path(request.report_dir), mode, log=log)
+        log("\n".join(results_table(records, suite.metric)))
     command = sync_command(Path(options.runs_dir) / suite.name)
     if command and mode == "offline":
         log(f"[{suite.name}] upload the W&B runs with: {command}")
     return records
+
+
+def results_table(records: Sequence[TrialRecord], metric: str) -> List[str]:
+    """The terminal's closing table: one row per trial, its axes, seed and the suite's metric (clean and
+    at each occlusion level). The report has every column."""
+    from lightning_modules.markdown import markdown_table
+
+    axes = sorted({axis for r in records for axis in r.axes})
+    levels = sorted({p for r in records for p in r.occlusions})
+    header = [*axes, "seed", metric, *(f"{metric} p={p:g}" for p in levels)]
+
+    def cell(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    rows = [[*(r.axes.get(a, "") for a in axes), r.seed, cell(r.metric(metric)), *(cell(r.metric(metric, p)) for p in levels)]
+            for r in sorted(records, key=lambda r: (r.trial, r.seed))]
+    return markdown_table(header, rows)
 
 
 def start_workers(request: SuiteRequest) -> list:

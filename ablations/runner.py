@@ -205,7 +205,17 @@ def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log
         metrics["checkpoint"] = str(checkpoint)
         tracked.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracked.summary(metrics)
+    log(result_line(ctx, metrics))
     return metrics
+
+
+def result_line(ctx: TrialContext, metrics: Dict[str, Any]) -> str:
+    """The one terminal line of a finished trial: the suite's metric, clean and at each occlusion level."""
+    name = ctx.suite.metric
+    suffix = "/" + name.split("/", 1)[-1]
+    values = {name: metrics.get(name), **{k: v for k, v in metrics.items() if k.startswith("occ") and k.endswith(suffix)}}
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} -" for k, v in values.items())
+    return f"[{ctx.suite.name}] trial {ctx.key} {ctx.labels}: {shown}"
 
 
 def single_frame_cap_metric(cfg: TafmConfig) -> Dict[str, float]:
