@@ -21,7 +21,7 @@ from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
 from ablations.records import matches_artifact, occluded_name
-from ablations.tracking import TrialRun
+from ablations.tracking import PROJECT, Tracking, TrialRun, recorded_run_id, stage_run
 from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
 from lightning_modules.deploy.cost import count_cost
@@ -93,22 +93,43 @@ def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
     return stage1_config(cfg)
 
 
-def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequence[Any] = ()) -> Path:
+def own_stage(cfg: TafmConfig) -> TafmConfig:
+    """The stage that trains `cfg`'s checkpoint: the control's finetuning, stage 1 for a `type=none`
+    trial, else `cfg` itself."""
+    if single_frame_control(cfg):
+        return _control_config(cfg)
+    if cfg.model.recurrent.type == RecurrentType.none:
+        return stage1_config(cfg)
+    return cfg
+
+
+def stage_directory(cfg: TafmConfig, runs_dir: Path) -> Path:
+    """runs/_stages/<hash> of the stage that trains `cfg`'s checkpoint."""
+    return runs_dir / STAGES_DIR / stage_hash(own_stage(cfg))
+
+
+def stage_kind(cfg: TafmConfig) -> str:
+    """The W&B job type of the stage that trains `cfg`: stage1, control (the single-frame SSD finetuned
+    like a stage 2) or stage2."""
+    if _parent(cfg) is None:
+        return "stage1"
+    return "control" if cfg.model.recurrent.type == RecurrentType.none else "stage2"
+
+
+def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequence[Any] = (),
+                  tracking: Optional[Tracking] = None) -> Path:
     """The checkpoint of `cfg` trained (with its parents), from the cache or trained now; resumable.
-    `callbacks` join the training of `cfg`'s own stage only: parents are shared with other trials."""
+    `callbacks` join the training of `cfg`'s own stage only: parents are shared with other trials.
+    With `tracking`, each stage trained now is its own W&B run (`ablations.tracking.stage_run`)."""
     from lightning_modules.fit import fit
 
-    if single_frame_control(cfg):
-        cfg = _control_config(cfg)
-    elif cfg.model.recurrent.type == RecurrentType.none:
-        cfg = stage1_config(cfg)
-
-    directory = runs_dir / STAGES_DIR / stage_hash(cfg)
+    cfg = own_stage(cfg)
+    directory = stage_directory(cfg, runs_dir)
     done = directory / DONE
     if done.is_file():
         return Path(json.loads(done.read_text())["checkpoint"])
     parent = _parent(cfg)
-    init = trained_stage(parent, runs_dir, log) if parent is not None else None
+    init = trained_stage(parent, runs_dir, log, tracking=tracking) if parent is not None else None
     with FileLock(directory.with_suffix(".lock")):
         if done.is_file():  # another worker trained it while we waited
             return Path(json.loads(done.read_text())["checkpoint"])
@@ -118,8 +139,12 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
         kind = "stage 1 (single-frame SSD)" if init is None else f"stage 2 ({_describe(cfg)})"
         log(f"  training {kind} -> {directory}")
         resume = (directory / "checkpoints" / "last.ckpt").is_file()  # an interrupted stage continues
-        result = fit(stage.model, stage.data, stage.train, resume=resume,
-                     callbacks=[TrainProgress(log=log), *callbacks])
+        job = stage_kind(cfg)
+        links = {"stage_hash": directory.name, "parent_run_id": recorded_run_id(stage_directory(parent, runs_dir))
+                 if parent is not None else None}
+        with stage_run(tracking, directory, job, f"{job}-{directory.name}", {**to_flat_dict(stage), **links}) as loggers:
+            result = fit(stage.model, stage.data, stage.train, resume=resume,
+                         callbacks=[TrainProgress(log=log), *callbacks], loggers=loggers)
         (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))
@@ -188,13 +213,16 @@ def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log
 
         raise optuna.TrialPruned(f"{cost.macs / 1e9:.3f}B MACs over the budget {float(search['max_macs']) / 1e9:.3f}B")
     runs_dir = ctx.options.runs_dir
-    job = "stage1" if _parent(cfg) is None else "stage2"
+    # search suites prune hopeless trials (MedianPruner) from the validations of their own stage
+    pruning = [OptunaPruning(ctx.trial, ctx.suite.metric)] if ctx.suite.search else []
+    checkpoint = trained_stage(cfg, runs_dir, log, callbacks=pruning,
+                               tracking=Tracking(wandb_mode, ctx.suite.name, runs_dir / ctx.suite.name))
+    stage = stage_directory(cfg, runs_dir)
+    config = {**to_flat_dict(cfg), "stage": stage_kind(cfg), "stage_hash": stage.name,
+              "stage_run_id": recorded_run_id(stage)}
     tags = [f"{axis}={label}" for axis, label in ctx.labels.items()]
-    with TrialRun(wandb_mode, "tafm", ctx.suite.name, job, ctx.key, tags, to_flat_dict(cfg),
+    with TrialRun(wandb_mode, PROJECT, ctx.suite.name, "trial", ctx.key, tags, config,
                   runs_dir / ctx.suite.name) as tracked:
-        # search suites prune hopeless trials (MedianPruner) from the validations of their own stage
-        pruning = [OptunaPruning(ctx.trial, ctx.suite.metric)] if ctx.suite.search else []
-        checkpoint = trained_stage(cfg, runs_dir, log, callbacks=pruning)
         metrics.update(evaluate_variants(cfg, checkpoint, ctx.suite.evaluate, ctx.run_dir / "matches",
                                           runs_dir / ctx.suite.name))
         metrics.update(single_frame_cap_metric(cfg))

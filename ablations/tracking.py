@@ -1,15 +1,24 @@
-"""W&B tracking: one run per trial (group = suite, job_type = stage, a tag per axis value), offline by
-default and never blocking without a network. Tables are built from our own records, not from W&B.
+"""W&B tracking, offline by default and never blocking without a network. One run per training stage
+(`stage_run`: job_type stage1 / stage2 / control, its curves streamed by Lightning's WandbLogger), one
+per trial (`TrialRun`: job_type trial, its evaluation, `stage_run_id` naming the stage that trained it),
+one per suite invocation (`log_report`: job_type report, the tables and pictures); group = suite.
+Tables are built from our own records, not from W&B.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
+import secrets
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 MODES = ("offline", "online", "disabled")
+PROJECT = "tafm"
+STAGE_RUN_FILE = "wandb.json"  # in a stage's folder: the id of its W&B run
 
 
 def resolve_mode(cli_value: Optional[str]) -> str:
@@ -18,6 +27,33 @@ def resolve_mode(cli_value: Optional[str]) -> str:
     if mode not in MODES:
         raise ValueError(f"--wandb / WANDB_MODE: unknown mode {mode!r}; valid: {', '.join(MODES)}")
     return mode
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a suite's W&B runs go: the mode, the group (the suite) and the folder (runs/<suite>)."""
+
+    mode: str
+    group: str
+    directory: Path
+
+
+def stage_run_id(stage_dir: Path, job_type: str) -> str:
+    """A stage's W&B run id: made once (job type, stage hash, a random suffix, so a fresh runs folder
+    never resumes an old online run) and kept in the stage's folder, so a resumed stage keeps it."""
+    known = recorded_run_id(stage_dir)
+    if known is not None:
+        return known
+    run_id = f"{job_type}-{Path(stage_dir).name}-{secrets.token_hex(3)}"
+    Path(stage_dir).mkdir(parents=True, exist_ok=True)
+    (Path(stage_dir) / STAGE_RUN_FILE).write_text(json.dumps({"id": run_id, "job_type": job_type}))
+    return run_id
+
+
+def recorded_run_id(stage_dir: Optional[Path]) -> Optional[str]:
+    """The W&B run id of the stage trained in `stage_dir`, None when it was trained without W&B."""
+    path = Path(stage_dir) / STAGE_RUN_FILE if stage_dir is not None else None
+    return json.loads(path.read_text())["id"] if path is not None and path.is_file() else None
 
 
 class TrialRun:
@@ -30,19 +66,9 @@ class TrialRun:
         self.run = None
 
     def __enter__(self) -> "TrialRun":
-        if self.mode == "disabled":
-            return self
-        import wandb
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(project=self.project, group=self.group, job_type=self.job_type, name=self.name,
-                      tags=[t[:64] for t in self.tags], config=self.config, dir=str(self.directory),
-                      reinit="finish_previous")
-        try:
-            self.run = wandb.init(mode=self.mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
-        except Exception as error:  # online without a network: keep the record offline instead of failing
-            print(f"tafm: W&B {self.mode} init failed ({type(error).__name__}: {error}); logging offline instead")
-            self.run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        if self.mode != "disabled":
+            self.run = init_run(self.mode, self.directory, project=self.project, group=self.group,
+                                job_type=self.job_type, name=self.name, tags=self.tags, config=self.config)
         return self
 
     def log(self, metrics: Dict[str, Any], step: Optional[int] = None) -> None:
@@ -59,6 +85,47 @@ class TrialRun:
         if self.run is not None:
             self.run.finish(exit_code=0 if exc_type is None else 1)
             self.run = None
+
+
+def init_run(mode: str, directory: Path, run_id: Optional[str] = None, console: str = "auto", **kwargs: Any):
+    """`wandb.init` beside the other runs of this process (a stage's run opens while nothing else is
+    finished); online without a network, it falls back to offline instead of failing or blocking."""
+    import wandb
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    kwargs.update(dir=str(directory), reinit="create_new", tags=[t[:64] for t in kwargs.get("tags") or []])
+    if run_id is not None:
+        kwargs.update(id=run_id, resume="allow" if mode == "online" else None)
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True, console=console), **kwargs)
+    except Exception as error:  # online without a network: keep the record offline instead of failing
+        print(f"tafm: W&B {mode} init failed ({type(error).__name__}: {error}); logging offline instead")
+        kwargs.pop("resume", None)
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True, console=console), **kwargs)
+
+
+@contextlib.contextmanager
+def stage_run(tracking: Optional[Tracking], stage_dir: Path, job_type: str, name: str,
+              config: Dict[str, Any]) -> Iterator[List[Any]]:
+    """A training stage's own W&B run, as the Lightning loggers to train it with (none when disabled):
+    Lightning's WandbLogger streams the loss parts, lr, grad norm, frames/s and every validation metric
+    against `trainer/global_step`. Its id is kept in the stage's folder (`stage_run_id`), so a resumed
+    stage continues the same run (online; offline, `wandb sync` uploads each piece under that id)."""
+    if tracking is None or tracking.mode == "disabled":
+        yield []
+        return
+    from pytorch_lightning.loggers import WandbLogger
+
+    run = init_run(tracking.mode, tracking.directory, stage_run_id(stage_dir, job_type), project=PROJECT,
+                   group=tracking.group, job_type=job_type, name=name, tags=[job_type], config=config, console="off")
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    try:
+        yield [WandbLogger(experiment=run)]
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish(exit_code=0)
 
 
 def _is_number(value: Any) -> bool:
@@ -85,7 +152,8 @@ def sync_command(directory: Path) -> Optional[str]:
 
 
 def read_offline_run(run_dir: Path) -> Dict[str, Any]:
-    """Read back an offline run file (LevelDB-style log of protobuf records): run info, config, summary."""
+    """Read back an offline run file (LevelDB-style log of protobuf records): run info (id, group, job
+    type, tags), config, summary and history (one dict per logged row, values as JSON text)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = next(Path(run_dir).glob("run-*.wandb"))
@@ -105,16 +173,24 @@ def read_offline_run(run_dir: Path) -> Dict[str, Any]:
             chunk = b""
         elif kind == 0:
             break
-    out: Dict[str, Any] = {"config": {}, "summary": {}}
+    out: Dict[str, Any] = {"config": {}, "summary": {}, "history": []}
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags))
+            out.update(id=record.run.run_id, group=record.run.run_group, job_type=record.run.job_type,
+                       tags=list(record.run.tags))
             out["config"].update({i.key: i.value_json for i in record.run.config.update})
         elif kind == "config":
             out["config"].update({i.key: i.value_json for i in record.config.update})
+        elif kind == "history":
+            out["history"].append({_item_key(i): i.value_json for i in record.history.item})
         elif kind == "summary":
-            out["summary"].update({i.key: i.value_json for i in record.summary.update})
+            out["summary"].update({_item_key(i): i.value_json for i in record.summary.update})
     return out
+
+
+def _item_key(item: Any) -> str:
+    """A history or summary item's key: `key`, or its `nested_key` parts joined by '/'."""
+    return item.key or "/".join(item.nested_key)

@@ -14,13 +14,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from datamodules.clips import DataConfig, EvalClipDataset, VidClipDataModule, collate_clips
 from lightning_modules.backbone import load_backbone
 from lightning_modules.config import validate_model
+from lightning_modules.curves import TrainingCurves
 from lightning_modules.ema import EMACallback
 from lightning_modules.speed import cpu_threads, prepare_module
 from lightning_modules.stages import init_from_checkpoint, read_net_state
@@ -141,9 +142,13 @@ class FitResult:
     init_summary: Optional[str]
 
 
-def build_trainer(train: TrainConfig, callbacks: Sequence[Callback], overrides: Optional[Dict[str, Any]] = None) -> pl.Trainer:
-    """Trainer with the paper's clipping, the run's schedule, device and precision settings."""
+def build_trainer(train: TrainConfig, callbacks: Sequence[Callback], overrides: Optional[Dict[str, Any]] = None,
+                  loggers: Sequence[Logger] = ()) -> pl.Trainer:
+    """Trainer with the paper's clipping, the run's schedule, device and precision settings; logging to
+    logs/metrics.csv (train.csv_logger) and to `loggers` (a W&B run, see ablations/tracking.py)."""
     steps = train.val_every_n_steps
+    every = [CSVLogger(train.out_dir, name="logs", version="")] if train.csv_logger else []
+    every += list(loggers)
     kwargs: Dict[str, Any] = dict(
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_steps=train.max_steps,
@@ -152,7 +157,7 @@ def build_trainer(train: TrainConfig, callbacks: Sequence[Callback], overrides: 
         gradient_clip_algorithm="norm", val_check_interval=steps,
         check_val_every_n_epoch=None if steps is not None else train.val_every_n_epochs,
         num_sanity_val_steps=0, log_every_n_steps=train.log_every_n_steps, callbacks=list(callbacks),
-        logger=CSVLogger(train.out_dir, name="logs", version="") if train.csv_logger else False,
+        logger=every or False,
         enable_progress_bar=False, enable_model_summary=False,
     )
     kwargs.update(overrides or {})
@@ -180,23 +185,26 @@ def initialise_weights(module: LSTMSSDModule, train: TrainConfig) -> Optional[st
 
 def fit(model: Any, data: Optional[DataConfig] = None, train: Optional[TrainConfig] = None, *,
         resume: bool = False, root: Optional[Path | str] = None, callbacks: Sequence[Callback] = (),
-        trainer_overrides: Optional[Dict[str, Any]] = None) -> FitResult:
+        trainer_overrides: Optional[Dict[str, Any]] = None, loggers: Sequence[Logger] = ()) -> FitResult:
     """Train one stage and evaluate it online.
 
     fit(model_cfg, data_cfg, train_cfg) or fit(cfg) with cfg.model/.data/.train. resume=True restarts
     from <train.out_dir>/checkpoints/last.ckpt when it exists (else starts fresh). `root` overrides
-    data.root; with neither, the default synthetic benchmark is used. Returns FitResult.
+    data.root; with neither, the default synthetic benchmark is used. `loggers` receive the training
+    curves (loss parts, lr, grad norm, frames/s) and every validation metric as it is computed.
+    Returns FitResult.
     """
     model, data, train = _split(model, data, train)
     validate_model(model)
     data.validate()
     train.validate()
     with cpu_threads(train):
-        return _fit(model, data, train, resume, root, callbacks, trainer_overrides)
+        return _fit(model, data, train, resume, root, callbacks, trainer_overrides, loggers)
 
 
 def _fit(model, data: DataConfig, train: TrainConfig, resume: bool, root: Optional[Path | str],
-         callbacks: Sequence[Callback], trainer_overrides: Optional[Dict[str, Any]]) -> FitResult:
+         callbacks: Sequence[Callback], trainer_overrides: Optional[Dict[str, Any]],
+         loggers: Sequence[Logger] = ()) -> FitResult:
     pl.seed_everything(train.seed, workers=True, verbose=False)
     ckpt_dir = Path(train.out_dir) / "checkpoints"
     last = ckpt_dir / LAST_CHECKPOINT
@@ -213,7 +221,7 @@ def _fit(model, data: DataConfig, train: TrainConfig, resume: bool, root: Option
     checkpoint = StepCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", save_last=True, save_top_k=0, enable_version_counter=False,
                                  every_n_train_steps=train.checkpoint_every_n_steps, auto_insert_metric_name=False)
     extra: List[Callback] = [EMACallback(train.ema_decay, train.ema_warmup)] if train.ema_decay > 0 else []
-    trainer = build_trainer(train, [*extra, *callbacks, checkpoint], trainer_overrides)
+    trainer = build_trainer(train, [*extra, TrainingCurves(), *callbacks, checkpoint], trainer_overrides, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)

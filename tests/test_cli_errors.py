@@ -236,14 +236,14 @@ def _trial_calls(monkeypatch, error=None, metrics=None):
     """Stand-ins for training and evaluation: each call is recorded, then raises `error` or returns `metrics`."""
     calls = []
 
-    def trained_stage(cfg, runs_dir, log=print, callbacks=()):
+    def trained_stage(cfg, runs_dir, log=print, callbacks=(), tracking=None):
         calls.append(cfg.model.recurrent.type.value)
         if error is not None:
             raise error
         return runs_dir / "last.ckpt"
 
     monkeypatch.setattr(runner, "trained_stage", trained_stage)
-    monkeypatch.setattr(runner, "evaluate_variants", lambda cfg, checkpoint, variants: dict(metrics or {}))
+    monkeypatch.setattr(runner, "evaluate_variants", lambda cfg, checkpoint, variants, *where: dict(metrics or {}))
     return calls
 
 

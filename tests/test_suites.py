@@ -63,7 +63,7 @@ def test_smoke_shares_one_stage1_checkpoint(smoke_run):
 
 def test_smoke_wandb_offline_runs_hold_config_and_summary(smoke_run):
     runs = [read_offline_run(p) for p in sorted((smoke_run / "smoke" / "wandb").glob("offline-run-*"))]
-    trials = [r for r in runs if r["job_type"] in ("stage1", "stage2")]
+    trials = [r for r in runs if r["job_type"] == "trial"]
     assert any(r["job_type"] == "report" for r in runs)  # the suite's table, as a wandb.Table
     assert len(trials) == 2 and {r["group"] for r in trials} == {"smoke"}
     for run in trials:
