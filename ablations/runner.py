@@ -26,6 +26,7 @@ from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
+from lightning_modules.train_config import TrainConfig
 from reports.significance import VideoMatches
 
 STAGES_DIR = "_stages"
@@ -54,8 +55,11 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single.model.recurrent.after = []
     single.model.alpha_lstm = None  # no recurrent layer: Figure 4's widths share one stage 1
     single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
-    single.train.distill_steps = 0  # stage 2's warm start: stage 1 has no teacher, so one stage 1 for any value
-    single.train.distill_weight = 1.0
+    # stage 2's own settings (its warm start, what it freezes, which weights it starts from) do nothing in
+    # stage 1: one stage 1 whatever their values
+    defaults = TrainConfig()
+    for key in ("distill_steps", "distill_weight", "freeze", "freeze_through", "init_from_ema"):
+        setattr(single.train, key, getattr(defaults, key))
     if cfg.sweep.stage1_max_steps is not None:
         single.train.max_steps = cfg.sweep.stage1_max_steps
     if cfg.sweep.stage1_lr is not None:

@@ -96,7 +96,8 @@ def test_speed_settings_and_stage2_warm_start_do_not_split_the_stage_cache():
     fast = load_config(["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
                         "data.clip_length=10", "sweep.stage1_max_steps=6", "sweep.stage1_clip_length=2",
                         "sweep.single_frame_stage2=True", "train.threads=0", "train.fold_bn=false",
-                        "train.compile=true", "train.distill_steps=50"])
+                        "train.compile=true", "train.distill_steps=50", "train.freeze=none",
+                        "train.init_from_ema=true"])
     assert runner.stage_hash(runner.stage1_config(base)) == runner.stage_hash(runner.stage1_config(fast))
     assert runner.stage_hash(base) != runner.stage_hash(fast)  # the warm start does change stage 2
     nhwc = load_config(["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
