@@ -129,8 +129,14 @@ class Difference:
         return self.low > 0.0 or self.high < 0.0
 
     def __str__(self) -> str:
-        text = f"{self.delta:+.1f} [{self.low:+.1f}, {self.high:+.1f}]"
+        text = f"{self.delta:+.1f} [{_bound(self.low)}, {_bound(self.high)}]"
         return text if self.significant else f"{text} not significant"
+
+
+def _bound(value: float) -> str:
+    """An interval end in points; one that rounds to 0.0 shows its first digit, so its sign (which decides
+    significance) is never hidden."""
+    return f"{value:+.1f}" if abs(value) >= 0.05 or value == 0.0 else f"{value:+.1g}"
 
 
 def paired_bootstrap(pairs: Sequence[Tuple[VideoMatches, VideoMatches]], resamples: int = RESAMPLES, seed: int = SEED,

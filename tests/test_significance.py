@@ -111,3 +111,6 @@ def test_different_val_videos_and_bad_files_are_clear_errors(tmp_path):
 def test_difference_text():
     assert str(Difference(2.04, 0.5, 3.9, 3, 1000)) == "+2.0 [+0.5, +3.9]"
     assert str(Difference(-0.3, -1.2, 0.6, 3, 1000)) == "-0.3 [-1.2, +0.6] not significant"
+    # an end that rounds to 0.0 keeps its sign visible: it decides significance
+    assert str(Difference(0.5, 0.004, 1.0, 3, 1000)) == "+0.5 [+0.004, +1.0]"
+    assert str(Difference(0.4, -0.03, 0.9, 3, 1000)) == "+0.4 [-0.03, +0.9] not significant"
