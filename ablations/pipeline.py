@@ -218,7 +218,7 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
     """Write each suite's report (and with `every`, skip suites without records and write the index)."""
     from ablations.records import records_frame
     from ablations.suite import load_suite
-    from ablations.tracking import log_table
+    from ablations.tracking import log_report
     from reports.tables import ReportError, load_records, write_index, write_report
 
     written = []
@@ -233,9 +233,7 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
             continue
         written.append((suite.name, suite.description, path))
         log(f"wrote {path}")
-        images = {"figure4": path.parent / "fig4.png"} if (path.parent / "fig4.png").is_file() else {}
-        log_table(mode, "tafm", suite.name, f"{suite.name}-report", records_frame(load_records(runs_dir, suite.name)),
-                  runs_dir / suite.name, images)
+        log_report(mode, suite.name, runs_dir / suite.name, records_frame(load_records(runs_dir, suite.name)), path)
     if every:
         log(f"wrote {write_index(written, out_dir)}")
     return [path for _, _, path in written]

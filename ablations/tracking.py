@@ -10,11 +10,12 @@ import contextlib
 import glob
 import json
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 MODES = ("offline", "online", "disabled")
 PROJECT = "tafm"
@@ -132,17 +133,49 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def log_table(mode: str, project: str, group: str, name: str, frame, directory: Path, images: Dict[str, Path] = None) -> None:
-    """One run (job_type `report`) holding a `wandb.Table` of the frame and optional plots as images."""
+def log_report(mode: str, group: str, directory: Path, frame, report: Path) -> None:
+    """The suite's view, one run (job_type `report`) per invocation: every record as the `results`
+    table, each table of the written report (`report/<heading>`) and every picture in its folder
+    (`pictures/<name>`: Figure 4, the detection strip) as images."""
     if mode == "disabled" or frame is None or len(frame) == 0:
         return
     import wandb
 
-    with TrialRun(mode, project, group, "report", name, [], {}, directory) as tracked:
-        payload = {"results": wandb.Table(dataframe=frame.astype(str))}
-        for key, path in (images or {}).items():
-            payload[key] = wandb.Image(str(path))
+    payload = {"results": wandb.Table(dataframe=frame.astype(str))}
+    for name, (header, rows) in markdown_tables(Path(report).read_text()).items():
+        payload[f"report/{name}"] = wandb.Table(columns=header, data=rows)
+    for picture in sorted(Path(report).parent.glob("*.png")):
+        payload[f"pictures/{picture.stem}"] = wandb.Image(str(picture))
+    with TrialRun(mode, PROJECT, group, "report", f"{group}-report", [], {"suite": group, "report": str(report)},
+                  directory) as tracked:
         tracked.run.log(payload)
+
+
+def markdown_tables(text: str) -> Dict[str, Tuple[List[str], List[List[str]]]]:
+    """The markdown tables of a text, each as (header, rows), named after the heading above it (`main`
+    under the title; a second table under one heading gets `_2`). Repeated headers get ` (2)`."""
+    tables: Dict[str, Tuple[List[str], List[List[str]]]] = {}
+    heading, block = "main", []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2:
+            name = heading if heading not in tables else f"{heading}_{sum(k.startswith(heading) for k in tables) + 1}"
+            tables[name] = (_unique(block[0]), [row + [""] * (len(block[0]) - len(row)) for row in block[2:]])
+        block = []
+        if line.startswith("## "):
+            heading = re.sub(r"[^a-z0-9]+", "_", line[3:].lower()).strip("_")
+    return tables
+
+
+def _unique(header: List[str]) -> List[str]:
+    seen: Dict[str, int] = {}
+    out = []
+    for name in header:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
 
 
 def sync_command(directory: Path) -> Optional[str]:
@@ -151,12 +184,24 @@ def sync_command(directory: Path) -> Optional[str]:
     return f"wandb sync {' '.join(runs)}" if runs else None
 
 
-def read_offline_run(run_dir: Path) -> Dict[str, Any]:
+def read_offline_run(run_dir: Path, wait_s: float = 10.0) -> Dict[str, Any]:
     """Read back an offline run file (LevelDB-style log of protobuf records): run info (id, group, job
-    type, tags), config, summary and history (one dict per logged row, values as JSON text)."""
+    type, tags), config, summary and history (one dict per logged row, values as JSON text). W&B's
+    service may still be writing the file just after `finish`: it is read again until it holds the exit
+    record, for up to `wait_s` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read_run_file(next(Path(run_dir).glob("run-*.wandb")))
+        if out.pop("finished") or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
+
+
+def _read_run_file(path: Path) -> Dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    path = next(Path(run_dir).glob("run-*.wandb"))
     data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path}: not a W&B run file")
@@ -173,7 +218,7 @@ def read_offline_run(run_dir: Path) -> Dict[str, Any]:
             chunk = b""
         elif kind == 0:
             break
-    out: Dict[str, Any] = {"config": {}, "summary": {}, "history": []}
+    out: Dict[str, Any] = {"config": {}, "summary": {}, "history": [], "finished": False}
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
@@ -186,6 +231,8 @@ def read_offline_run(run_dir: Path) -> Dict[str, Any]:
             out["config"].update({i.key: i.value_json for i in record.config.update})
         elif kind == "history":
             out["history"].append({_item_key(i): i.value_json for i in record.history.item})
+        elif kind == "exit":
+            out["finished"] = True
         elif kind == "summary":
             out["summary"].update({_item_key(i): i.value_json for i in record.summary.update})
     return out

@@ -103,3 +103,45 @@ def test_training_progress_reports_steps_rate_and_eta():
     trainer.fit(_Constant(0.5), data)
     assert lines[-1].startswith("    step 3/3:") and "steps/s" in lines[-1] and "ETA 0s" in lines[-1]
     assert len(lines) == 3
+
+
+def test_report_tables_are_read_from_the_markdown_by_heading():
+    from ablations.tracking import markdown_tables
+
+    text = """# suite: description
+
+| model | mAP | paper | delta | paper |
+| --- | --- | --- | --- | --- |
+| none | 26.6 | – | – | 1 |
+| gru | 29.0 | 50 |
+
+## Costs (paper Tables 3-5)
+
+| component | params |
+| --- | --- |
+| base | 1.2 |
+"""
+    tables = markdown_tables(text)
+    assert list(tables) == ["main", "costs_paper_tables_3_5"]
+    header, rows = tables["main"]
+    assert header == ["model", "mAP", "paper", "delta", "paper (2)"]  # W&B tables need unique columns
+    assert rows == [["none", "26.6", "–", "–", "1"], ["gru", "29.0", "50", "", ""]]
+    assert tables["costs_paper_tables_3_5"] == (["component", "params"], [["base", "1.2"]])
+
+
+def test_the_report_run_holds_every_table_and_picture(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from ablations.tracking import log_report
+
+    report = tmp_path / "reports" / "s" / "README.md"
+    report.parent.mkdir(parents=True)
+    report.write_text("# s\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n## Latency (paper Table 7)\n\n| m | ms |\n| --- | --- |\n| x | 3 |\n")
+    Image.new("RGB", (8, 8)).save(report.parent / "fig4.png")
+    log_report("offline", "s", tmp_path / "runs", pd.DataFrame({"key": ["k"], "value": [0.5]}), report)
+    stored = read_offline_run(next((tmp_path / "runs" / "wandb").glob("offline-run-*")))
+    logged = {key: json.loads(value) for row in stored["history"] for key, value in row.items()}
+    assert stored["job_type"] == "report" and stored["group"] == "s"
+    assert logged["results/_type"] == logged["report/main/_type"] == logged["report/latency_paper_table_7/_type"] == "table-file"
+    assert logged["pictures/fig4/_type"] == "image-file"

@@ -57,7 +57,15 @@ def test_trial_runs_point_at_the_stage_run_that_trained_them(curves_run):
         assert stage_id in ids
         assert recorded_run_id(runs_dir / "_stages" / json.loads(trial["config"]["stage_hash"])) == stage_id
     assert {json.loads(t["config"]["stage"]) for t in trials} == {"stage1", "stage2"}
-    assert any(r["job_type"] == "report" for r in runs)
+
+
+def test_one_report_run_holds_the_results_and_the_report_tables(curves_run):
+    _, _, runs = curves_run
+    reports = [r for r in runs if r["job_type"] == "report"]
+    assert len(reports) == 1 and reports[0]["group"] == "smoke"
+    logged = {key: value for row in reports[0]["history"] for key, value in row.items()}
+    for table in ("results", "report/main"):
+        assert json.loads(logged[f"{table}/_type"]) == "table-file"
 
 
 def test_the_terminal_shows_only_tafm_lines(curves_run):
