@@ -146,6 +146,19 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from ablations.extras.pictures import draw_checkpoints
+
+    for checkpoint in args.checkpoints:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"tafm viz: checkpoint {checkpoint} does not exist (a .ckpt written by training, "
+                                    f"e.g. runs/_stages/<hash>/checkpoints/last.ckpt)")
+    path = draw_checkpoints(args.checkpoints, args.out, root=args.data_root, video=args.video, frames=args.frames,
+                            start=args.start, occlusion=args.occlusion, min_score=args.min_score, scale=args.scale)
+    print(f"wrote {path}")
+    return 0
+
+
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="a suite name (tafm suites) or a suite YAML path")
     parser.add_argument("--runs-dir", default="runs", help="where studies, records and checkpoints go (default: runs)")
@@ -229,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--no-peak", action="store_true", help="skip the single-core peak (roofline) measurement")
     latency.add_argument("--json", action="store_true")
     latency.set_defaults(func=_cmd_latency)
+
+    viz = commands.add_parser("viz", help="draw ground truth and detections of checkpoints side by side on consecutive "
+                                          "val frames (paper Figure 5)")
+    viz.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="training checkpoints (.ckpt), one column each")
+    viz.add_argument("--out", required=True, help="FILE.png (frames top to bottom), .gif or .mp4 (needs imageio-ffmpeg)")
+    viz.add_argument("--video", default=None, help="val video name or index (default: the first)")
+    viz.add_argument("--frames", type=int, default=8, help="consecutive frames (default 8)")
+    viz.add_argument("--start", type=int, default=0, help="first frame's position in the video (default 0)")
+    viz.add_argument("--occlusion", type=float, default=0.0, help="occlude boxes with this probability, as the "
+                                                                  "evaluation does (paper Table 6)")
+    viz.add_argument("--min-score", type=float, default=0.3, help="draw detections scoring at least this (default 0.3)")
+    viz.add_argument("--scale", type=int, default=3, help="enlarge frames this many times (default 3)")
+    viz.add_argument("--data-root", default=None, help="ImageNet VID root (default: the synthetic benchmark)")
+    viz.set_defaults(func=_cmd_viz)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

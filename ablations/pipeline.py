@@ -126,6 +126,7 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     log(f"[{suite.name}] {len(records)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if records:
         run_extras(suite, Path(options.runs_dir), log)
+        run_pictures(suite, records, Path(options.runs_dir), Path(request.report_dir), log)
         report_suites([request.suite], Path(options.runs_dir), Path(request.report_dir), mode, log=log)
         log("\n".join(results_table(records, suite.metric)))
     command = sync_command(Path(options.runs_dir) / suite.name)
@@ -211,6 +212,22 @@ def run_extras(suite: Suite, runs_dir: Path, log: Log = print) -> None:
             fmt = fallback
         log(f"[{suite.name}] exporting and timing paper Table 7's models ({fmt}, 1 thread, pinned)")
         (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt).format() + "\n")
+
+
+def run_pictures(suite: Suite, records: Sequence[TrialRecord], runs_dir: Path, report_dir: Path,
+                 log: Log = print) -> None:
+    """The report's picture of the baseline against the best row (paper Figure 5). A picture that cannot
+    be drawn costs one line, never the suite's results."""
+    from ablations.extras.pictures import write_strip
+
+    try:
+        path = write_strip(records, suite.metric, suite.direction == "maximize", report_dir / suite.name,
+                           runs_dir / suite.name / "extras", log)
+    except Exception as error:  # the records and the report matter more than the picture
+        log(f"[{suite.name}] no picture: {type(error).__name__}: {error}")
+        return
+    if path is not None:
+        log(f"[{suite.name}] drew the baseline and the best row in {path}")
 
 
 def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str, every: bool = False,

@@ -66,6 +66,14 @@ def test_one_report_run_holds_the_results_and_the_report_tables(curves_run):
     logged = {key: value for row in reports[0]["history"] for key, value in row.items()}
     for table in ("results", "report/main"):
         assert json.loads(logged[f"{table}/_type"]) == "table-file"
+    assert json.loads(logged["pictures/strip/_type"]) == "image-file"  # the baseline beside the best row
+
+
+def test_the_report_embeds_the_strip_of_the_baseline_and_the_best_row(curves_run):
+    runs_dir, out, _ = curves_run
+    report = (runs_dir.parent / "reports" / "smoke" / "README.md").read_text()
+    assert "## What the detector sees (paper Figure 5)" in report and "](strip.png)" in report
+    assert (runs_dir.parent / "reports" / "smoke" / "strip.png").stat().st_size > 0
 
 
 def test_the_terminal_shows_only_tafm_lines(curves_run):
