@@ -88,3 +88,15 @@ def test_a_stage_keeps_its_run_id_when_resumed(tmp_path):
     first = stage_run_id(tmp_path / "abc123", "stage1")
     assert first.startswith("stage1-abc123-") and stage_run_id(tmp_path / "abc123", "stage1") == first
     assert recorded_run_id(tmp_path / "abc123") == first and recorded_run_id(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("overrides, kind", [
+    (["model.recurrent.type=none", "sweep.single_frame_stage2=false"], "stage1"),
+    (["model.recurrent.type=none", "sweep.single_frame_stage2=true"], "control"),  # not tagged stage2
+    (["model.recurrent.type=gru", "sweep.single_frame_stage2=true"], "stage2"),
+])
+def test_the_stage_runs_job_type_names_what_it_trains(overrides, kind):
+    from ablations.config import load_config
+    from ablations.runner import stage_kind
+
+    assert stage_kind(load_config(overrides)) == kind
