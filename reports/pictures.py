@@ -7,7 +7,7 @@ come in as `Shot`s (`lightning_modules.detect` makes them from checkpoints).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Protocol, Sequence, Tuple
+from typing import Any, List, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -22,17 +22,10 @@ GIF_FRAME_MS = 300
 MAX_BOXES = 20  # detections drawn per frame at most, the best first
 
 
-class Shot(Protocol):
-    """One frame as a model saw it (boxes: inclusive pixel xyxy; labels: class ids 1..C)."""
-
-    frame_index: int
-    image: Image.Image
-    gt_boxes: np.ndarray
-    gt_labels: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    names: Tuple[str, ...]
+# One frame as a model saw it: `lightning_modules.detect.Shot` (frame_index, image, gt_boxes, gt_labels,
+# boxes, scores, labels, names; boxes in inclusive pixel xyxy, labels class ids 1..C). Reports draw it
+# by its fields and never import the code that makes it.
+Shot = Any
 
 
 def _font(size: int) -> ImageFont.ImageFont:
