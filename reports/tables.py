@@ -158,7 +158,7 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
         header += ["latency ms (ours, median)", "Pixel 2 big core ms", "ours / paper"]
     lines = markdown_table(header)
     tests = _Significance(base_dir)
-    baseline, control = None, False
+    baseline, control, frozen = None, False, True
     for label, (key, rows) in zip(_labels(groups), groups):
         base_rows = groups[_baseline(groups, key)][1]
         ours, text = _cell([r.metric(MAP) for r in rows])
@@ -185,6 +185,7 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
         if key["type"] == "none" and baseline is None:
             baseline = ours
             control = str(_cfg(rows[0], "sweep.single_frame_stage2")).lower() == "true"
+            frozen = str(_cfg(rows[0], "train.freeze") or "frozen_bn_eval") != "none"
         lines.append(markdown_row(cells))
     if cap is not None:
         lines += ["", f"Single-frame cap: {cap:.1f} mAP. An oracle that localises every object perfectly but, like any "
@@ -193,8 +194,9 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
                   "single-frame model cannot pass it; a temporal one can, up to 100."]
     if baseline is not None:
         lines += ["", f"Single-frame SSD baseline (ours): {baseline:.1f} mAP"
-                  + (", finetuned after stage 1 with the base frozen for the same steps and clips as the recurrent"
-                     " rows (`sweep.single_frame_stage2`), so every row has the same training budget." if control
+                  + (f", finetuned after stage 1 with the base {'frozen' if frozen else 'trained too'} for the same "
+                     "steps and clips as the recurrent rows (`sweep.single_frame_stage2`), so every row has the same "
+                     "training budget." if control
                      else ": the stage-1 model.")]
     lines += tests.footer()
     return lines

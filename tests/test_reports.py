@@ -91,6 +91,15 @@ def test_the_baseline_line_says_how_the_single_frame_row_was_trained(tmp_path, c
     line = next(line for line in text.splitlines() if line.startswith("Single-frame SSD baseline"))
     assert "30.0 mAP" in line
     assert ("same training budget" in line) == control and ("stage-1 model" in line) == (not control)
+    assert ("base frozen" in line) == control  # the default stage 2 freezes the base
+
+
+def test_the_baseline_line_says_whether_the_base_was_trained_in_stage2(tmp_path):
+    single = _row("none", 0.5, 0.300, after=())
+    single["config.sweep.single_frame_stage2"], single["config.train.freeze"] = True, "none"
+    runs = _write(tmp_path, "table3_recurrent", [single, _row("gru", 0.5, 0.400)])
+    text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
+    assert "with the base trained too for the same steps" in text
 
 
 def test_synthetic_rows_sit_beside_the_single_frame_cap(tmp_path):
