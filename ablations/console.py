@@ -63,7 +63,7 @@ def library_log(path: Path) -> Iterator[Path]:
         handler = logging.StreamHandler(log)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()
-        root.addHandler(handler)
+        others, root.handlers = root.handlers, [handler]  # propagated records go to the log only
         show = warnings.showwarning
 
         def showwarning(message, category, filename, lineno, file=None, line=None):
@@ -73,16 +73,18 @@ def library_log(path: Path) -> Iterator[Path]:
                 log.write(warnings.formatwarning(message, category, filename, lineno, line))
 
         warnings.showwarning = showwarning
-        with _descriptor_2_to(log) as terminal:
-            original, sys.stderr = sys.stderr, _SortedLines(terminal, log)
-            lines = sys.stderr
-            try:
-                yield path
-            finally:
-                lines.close_line()
-                sys.stderr = original
-        warnings.showwarning = show
-        root.removeHandler(handler)
+        try:
+            with _descriptor_2_to(log) as terminal:
+                original, sys.stderr = sys.stderr, _SortedLines(terminal, log)
+                lines = sys.stderr
+                try:
+                    yield path
+                finally:
+                    lines.close_line()
+                    sys.stderr = original
+        finally:
+            warnings.showwarning = show
+            root.handlers = others
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ def fits(monkeypatch):
     """Replace training by a record of each call; each 'trained' stage writes an empty checkpoint."""
     calls = []
 
-    def fake_fit(model, data, train, resume=False, callbacks=()):
+    def fake_fit(model, data, train, resume=False, callbacks=(), loggers=()):
         calls.append(SimpleNamespace(type=model.recurrent.type.value, after=list(model.recurrent.after),
                                      init=train.init_checkpoint, steps=train.max_steps, clip=data.clip_length,
                                      callbacks=[type(c).__name__ for c in callbacks]))
@@ -68,7 +68,7 @@ def test_extra_callbacks_join_only_the_trials_own_stage(fits, tmp_path):
 def test_search_suites_prune_their_trials(monkeypatch, tmp_path, suite, pruned):
     seen = []
 
-    def stop(cfg, runs_dir, log, callbacks=()):
+    def stop(cfg, runs_dir, log, callbacks=(), tracking=None):
         seen.extend(callbacks)
         raise StopIteration  # enough: the trial's training was about to start
 
