@@ -61,6 +61,7 @@ PROFILE_DEFAULTS: Dict[str, Dict[str, Any]] = {
         "train.max_steps": 300,
         "train.max_epochs": None,
         "train.val_every_n_epochs": 1000,  # validate once, at the end
+        "train.log_every_n_steps": 10,  # W&B curves: 30 points for a 300-step stage 2 (not in the stage hash)
         "sweep.stage1_lr": 0.002,
         "sweep.stage1_max_steps": 1200,
         "sweep.stage1_clip_length": 1,  # single frames: 16 different frames a step, not 8 pairs of twins
