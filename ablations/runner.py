@@ -36,7 +36,7 @@ DONE = "done.json"
 # change the BatchNorm sums, so it stays in the hash)
 _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
                  "data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
-                 "data.max_val_videos", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
+                 "data.max_val_videos", "data.minival_seed", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
                  "train.csv_logger", "train.log_every_n_steps", "train.eval_clean_and_occluded",
                  "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames")
 
@@ -260,7 +260,7 @@ def single_frame_cap_metric(cfg: TafmConfig) -> Dict[str, float]:
     if cfg.data.val_split != "val":
         return {}
     minival = cfg.data.minival_frames if cfg.data.eval_protocol == EvalProtocol.minival else None
-    cap = cap_of_root(str(resolve_root(cfg.data)), minival, cfg.data.seed, cfg.data.max_val_videos)
+    cap = cap_of_root(str(resolve_root(cfg.data)), minival, cfg.data.minival_seed, cfg.data.max_val_videos)
     return {} if cap is None else {"single_frame_cap": cap.vid_map50}
 
 

@@ -286,7 +286,7 @@ class EvalClipDataset(IterableDataset):
                  world_size: int = 1, counters: DecodeCounters | None = None) -> None:
         self.videos, self.cfg, self.input_size = list(videos), cfg, input_size
         if cfg.eval_protocol is EvalProtocol.minival:
-            self.windows = minival_windows(self.videos, cfg.minival_frames, cfg.seed)
+            self.windows = minival_windows(self.videos, cfg.minival_frames, cfg.minival_seed)
         else:
             self.windows = {v.name: (0, len(v.frames)) for v in self.videos}
         self.rank, self.world_size = _rank_world(rank, world_size)  # in the main process

@@ -74,7 +74,8 @@ class DataConfig:
     minival_frames: int = 20
     batch_size: int = 4  # training clips per batch (eval always streams B = 1)
     num_workers: int = 0  # training DataLoader workers (eval uses at most 1, to keep order)
-    seed: int = 0  # training shuffle/augmentation and minival windows
+    seed: int = 0  # training shuffle/augmentation (a suite's --seeds vary it)
+    minival_seed: int = 0  # which minival window of each val video: one val set whatever the training seed
     occlusion_p: float = 0.0  # eval-only occlusion probability per gt box (paper Table 6)
     occlusion_seed: int = 0
     strict: bool = False  # raise on the first bad file instead of skipping it

@@ -214,7 +214,8 @@ def test_minival_windows_and_eval_stream(val_root: Path) -> None:
     assert windows == minival_windows(list(reversed(videos)), frames=6, seed=1)
     assert {minival_windows(videos, 6, s)["ILSVRC2015_val_00000001"] for s in range(20)} != {
         (start, length)}
-    cfg = DataConfig(clip_length=4, minival_frames=6, seed=1)
+    cfg = DataConfig(clip_length=4, minival_frames=6, seed=7, minival_seed=1)  # the training seed has no say
+    assert EvalClipDataset(videos, cfg, S).windows == windows
     batches = list(torch.utils.data.DataLoader(EvalClipDataset(videos, cfg, S), batch_size=1,
                                                collate_fn=collate_clips))
     frames = [(b["video"][t][0], int(b["frame_index"][t, 0]), bool(b["reset"][t, 0]))
