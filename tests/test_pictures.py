@@ -72,3 +72,17 @@ def test_a_suite_strip_sets_the_baseline_beside_the_best_row(root, checkpoints, 
     lines = []
     assert write_strip(records[1:], "val/vid_map50", True, tmp_path / "r2", tmp_path / "e2", lines.append) is None
     assert "no single-frame row" in lines[0]
+
+
+def test_the_strip_takes_the_best_row_by_its_mean_over_seeds_at_one_seed(root, checkpoints, tmp_path):
+    def record(kind, seed, value, checkpoint):
+        return TrialRecord(key=f"{kind}-s{seed}", trial=0, state="COMPLETE", seed=seed, value=value,
+                           axes={"type": kind}, config={"model.recurrent.type": kind, "data.root": str(root)},
+                           metrics={0.0: {"val/vid_map50": value}}, extra={"checkpoint": str(checkpoint)})
+
+    records = [record("none", 1, 0.2, checkpoints[0]), record("none", 2, 0.2, checkpoints[0]),
+               record("gru", 1, 0.1, checkpoints[1]), record("gru", 2, 0.6, checkpoints[1]),  # best single value
+               record("bottleneck_lstm", 1, 0.4, checkpoints[1]), record("bottleneck_lstm", 2, 0.4, checkpoints[1])]
+    write_strip(records, "val/vid_map50", True, tmp_path / "reports" / "s", tmp_path / "runs" / "s" / "extras")
+    text = (tmp_path / "runs" / "s" / "extras" / STRIP_EXTRA).read_text()
+    assert "baseline: none, seed 1" in text and "best: bottleneck_lstm, seed 1" in text
