@@ -75,14 +75,14 @@ def occluded_name(p: float, name: str) -> str:
     return f"{_OCCLUDED}{p}/{name.split('/', 1)[-1]}"
 
 
-def matches_artifact(p: float) -> str:
-    """The flat name of the artifact holding a trial's per-video matches at occlusion p (clean: 0)."""
-    return f"{_ARTIFACT}matches.p{float(p):g}"
-
-
 def matches_name(p: float) -> str:
-    """The record's artifact name of the per-video matches at occlusion p."""
-    return matches_artifact(p)[len(_ARTIFACT):]
+    """The record's artifact name of a trial's per-video matches at occlusion p (clean: 0)."""
+    return f"matches.p{float(p):g}"
+
+
+def matches_artifact(p: float) -> str:
+    """The flat name under which a trial returns that artifact (`split_metrics` files it under artifacts)."""
+    return _ARTIFACT + matches_name(p)
 
 
 def split_metrics(flat: Mapping[str, Any]) -> Dict[str, Any]:

@@ -235,7 +235,7 @@ def _train_and_evaluate(cfg: TafmConfig, ctx: TrialContext, wandb_mode: str, log
         if cfg.sweep.latency:
             metrics.update(_latency(cfg, checkpoint, ctx.run_dir))
         metrics["checkpoint"] = str(checkpoint)
-        tracked.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracked.log(metrics)  # numbers only: TrialRun.log drops the paths
         tracked.summary(metrics)
     log(result_line(ctx, metrics))
     return metrics
