@@ -89,8 +89,9 @@ class DataConfig:
         for key in ("clip_length", "frame_stride", "minival_frames", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for key in ("num_workers", "seed", "minival_seed", "occlusion_seed"):  # numpy seeds are non-negative
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("train_split", "val_split"):
             if getattr(self, key) not in SPLITS:
                 raise ValueError(f"data.{key} must be one of {SPLITS}, got {getattr(self, key)!r}")

@@ -82,6 +82,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         (["nosuch_suite"], "unknown suite 'nosuch_suite'; valid: fig4_lstm_width, quick"),
         (["smoke", "--seeds", "-1"], "--seeds must be >= 1 (seeds per grid point), got -1"),
         (["smoke", "--set", "model.alpah=1"], "unknown config key 'model.alpah' (in --set); valid keys here: model.arch"),
+        (["smoke", "--set", "data.minival_seed=-1"], "data.minival_seed must be >= 0, got -1"),
         (["smoke", "--profile", "vid"], "--profile vid trains at the paper's settings on ImageNet VID: pass --data-root PATH"),
     ],
 )
