@@ -28,7 +28,8 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from datamodules.synthetic import SynthConfig, generate
 
-    fields = {k: getattr(args, k) for k in ("videos", "val_videos", "frames", "size", "seed")
+    fields = {k: getattr(args, k) for k in ("videos", "val_videos", "frames", "size", "seed", "cue_prob",
+                                            "marker_width", "marker_blend")
               if getattr(args, k) is not None}
     out = generate(Path(args.out), SynthConfig(**fields), progress=True)
     print(f"synthetic VID dataset in {out}")
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--frames", type=int, help="frames per video")
     synth.add_argument("--size", type=int, help="image side in pixels")
     synth.add_argument("--seed", type=int, help="random seed (the dataset is deterministic from it)")
+    synth.add_argument("--cue-prob", type=float, help="per object and frame: chance the class marker is drawn (0.35)")
+    synth.add_argument("--marker-width", type=float, help="marker band half-width, fraction of the object's half-size (0.22)")
+    synth.add_argument("--marker-blend", type=float, help="how far the band moves towards white / black, 0..1 (0.75)")
     synth.set_defaults(func=_cmd_data_synth)
     return parser
 

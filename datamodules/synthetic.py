@@ -22,7 +22,7 @@ from filelock import FileLock
 from PIL import Image
 
 from datamodules.synthetic_render import (
-    MARKERS, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
+    MARKER_BLEND, MARKER_HALF_WIDTH, MARKERS, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
 from datamodules.vid import VID_CLASSES  # the one class table (id, name, WordNet id)
 
 GENERATOR_VERSION = 2  # bump whenever the output for a given config changes
@@ -61,6 +61,8 @@ class SynthConfig:
     classes: tuple[str, ...] = ("horse", "zebra", "car", "bus", "bear", "giant_panda")
     max_objects: int = 3              # object tracks per video: uniform in 1..max_objects
     cue_prob: float = 0.35            # per object and frame: class marker drawn
+    marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, fraction of the object's half-size
+    marker_blend: float = MARKER_BLEND       # how far the band moves towards white (light) / black (dark)
     fade_prob: float = 0.15           # per object and frame: object drawn at 35-60% opacity
     flicker_prob: float = 0.15        # per frame: brightness jump and 3x noise
     noise_std: float = 0.05           # per-pixel Gaussian noise std, fraction of 255
@@ -96,7 +98,8 @@ class SynthConfig:
                 or not MINIVAL_WINDOW <= self.val_frames <= 100_000):
             raise ValueError(f"SynthConfig.val_frames={self.val_frames!r}: must be None or an integer in "
                              f"[{MINIVAL_WINDOW}, 100000] (minival takes {MINIVAL_WINDOW} frames per val video)")
-        for key in ("cue_prob", "fade_prob", "flicker_prob", "occluder_prob", "noise_std"):
+        for key in ("cue_prob", "marker_width", "marker_blend", "fade_prob", "flicker_prob", "occluder_prob",
+                    "noise_std"):
             val, hi = getattr(self, key), 0.5 if key == "noise_std" else 1.0
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= val <= hi:
                 raise ValueError(f"SynthConfig.{key}={val!r}: must be a number in [0, {hi}]")
@@ -141,7 +144,7 @@ def render_video(cfg: SynthConfig, split: str, index: int) -> Iterator[tuple[np.
     frames = cfg.frames if split == "train" else cfg.frames_val
     scene = sample_scene(rng, len(cfg.classes), cfg.width, cfg.height, frames, cfg.max_objects,
                          cfg.cue_prob, cfg.fade_prob, cfg.flicker_prob, cfg.noise_std,
-                         cfg.occluder_prob, cfg.max_occluders)
+                         cfg.occluder_prob, cfg.max_occluders, cfg.marker_width, cfg.marker_blend)
     for t in range(frames):
         yield render_frame(scene, t, rng)
 

@@ -91,6 +91,8 @@ class Scene:
     alpha: np.ndarray        # float [tracks, frames]: object opacity (< 1 on faded frames)
     gain: np.ndarray         # float [frames]: global brightness (flicker)
     noise: np.ndarray        # float [frames]: per-pixel Gaussian noise std, in 0..255 units
+    marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, in units of the object's half-size
+    marker_blend: float = MARKER_BLEND       # how far the band moves towards white / black
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ def _centre_inside_frames(track: Track, width: int, height: int, frames: int) ->
 
 def sample_scene(rng: np.random.Generator, n_classes: int, width: int, height: int, frames: int,
                  max_objects: int, cue_prob: float, fade_prob: float, flicker_prob: float,
-                 noise_std: float, occluder_prob: float, max_occluders: int) -> Scene:
+                 noise_std: float, occluder_prob: float, max_occluders: int,
+                 marker_width: float = MARKER_HALF_WIDTH, marker_blend: float = MARKER_BLEND) -> Scene:
     """Sample one video; resamples the tracks until one is centred in the frame for >= min(frames, 5) frames."""
     looks = [class_appearance(i) for i in range(n_classes)]
     while True:
@@ -193,7 +196,8 @@ def sample_scene(rng: np.random.Generator, n_classes: int, width: int, height: i
     gain = np.where(flicker, np.where(dark, rng.uniform(0.5, 0.7, frames), rng.uniform(1.3, 1.6, frames)),
                     rng.uniform(0.93, 1.07, frames))
     noise = noise_std * 255.0 * np.where(flicker, 3.0, 1.0)
-    return Scene(width, height, frames, tracks, occluders, background, pan, cue, alpha, gain, noise)
+    return Scene(width, height, frames, tracks, occluders, background, pan, cue, alpha, gain, noise,
+                 marker_width, marker_blend)
 
 
 def silhouette(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -215,7 +219,8 @@ def silhouette(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def paint_object(img: np.ndarray, owner: np.ndarray, index: int, look: Appearance,
                  colour: tuple[float, float, float], cx: float, cy: float, hw: float, hh: float,
-                 cue_visible: bool, alpha: float) -> np.ndarray | None:
+                 cue_visible: bool, alpha: float, marker_width: float = MARKER_HALF_WIDTH,
+                 marker_blend: float = MARKER_BLEND) -> np.ndarray | None:
     """Draw one object (marker only if cue_visible) over img in place; mark its pixels in owner.
 
     Returns the in-frame silhouette mask as a full-frame bool array, or None if nothing is inside.
@@ -233,11 +238,11 @@ def paint_object(img: np.ndarray, owner: np.ndarray, index: int, look: Appearanc
     fill = np.broadcast_to(np.array(colour, np.float32), mask.shape + (3,)).copy()
     if cue_visible:
         if look.marker == 0:
-            band = np.broadcast_to(np.abs(v) <= MARKER_HALF_WIDTH, mask.shape)
-            fill[band] += MARKER_BLEND * (255.0 - fill[band])
+            band = np.broadcast_to(np.abs(v) <= marker_width, mask.shape)
+            fill[band] += marker_blend * (255.0 - fill[band])
         else:
-            band = np.broadcast_to(np.abs(u) <= MARKER_HALF_WIDTH, mask.shape)
-            fill[band] *= 1.0 - MARKER_BLEND
+            band = np.broadcast_to(np.abs(u) <= marker_width, mask.shape)
+            fill[band] *= 1.0 - marker_blend
     region = img[y0:y1, x0:x1]
     region[mask] = alpha * fill[mask] + (1.0 - alpha) * region[mask]
     owner[y0:y1, x0:x1][mask] = index
@@ -279,7 +284,7 @@ def render_frame(scene: Scene, t: int, noise_rng: np.random.Generator) -> tuple[
         look = looks.setdefault(tr.class_index, class_appearance(tr.class_index))
         cx, cy, hw, hh = tr.state(t, h)
         mask = paint_object(img, owner, k, look, tr.colour, cx, cy, hw, hh,
-                            bool(scene.cue[k, t]), float(scene.alpha[k, t]))
+                            bool(scene.cue[k, t]), float(scene.alpha[k, t]), scene.marker_width, scene.marker_blend)
         if mask is not None:
             masks[k] = mask
     for occ in scene.occluders:

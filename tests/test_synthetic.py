@@ -171,6 +171,24 @@ def test_paired_classes_look_identical_without_cue():
     assert not np.array_equal(draw(a, True), draw(b, True))
 
 
+def test_marker_width_and_blend_set_the_band():
+    """A wider band covers more of the object; blend 0 draws no marker at all."""
+    look = class_appearance(0)  # light horizontal band
+
+    def changed(**marker):
+        img, owner = np.full((40, 40, 3), 90.0, np.float32), np.full((40, 40), -1, np.int32)
+        plain = img.copy()
+        paint_object(plain, owner.copy(), 0, look, look.colour, 20.0, 20.0, 15.0, 15.0, False, 1.0)
+        paint_object(img, owner, 0, look, look.colour, 20.0, 20.0, 15.0, 15.0, True, 1.0, **marker)
+        return int((np.abs(img - plain).sum(-1) > 0).sum())
+
+    assert changed() > 0
+    assert changed(marker_width=0.4, marker_blend=0.75) > 1.5 * changed(marker_width=0.22, marker_blend=0.75)
+    assert changed(marker_width=0.4, marker_blend=0.0) == 0
+    bold = [o for _, fr in render_video(tiny(marker_width=0.4, marker_blend=0.9), "train", 0) for o in fr]
+    assert [o.box for o in bold] == [o.box for _, fr in render_video(tiny(), "train", 0) for o in fr]
+
+
 def test_class_cue_hidden_on_many_frames_but_not_all():
     cfg = tiny(videos=4, frames=20)
     objs = [o for v in range(cfg.videos) for _, fr in render_video(cfg, "train", v) for o in fr if o.annotated]
@@ -244,7 +262,8 @@ def test_ensure_synthetic_concurrent_calls_generate_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key, value, valid", [
     ("videos", 0, r"\[1, "), ("frames", 1, r"\[2, "), ("size", 8, r"\[32, 1280\]"),
-    ("val_frames", 10, r"\[20, "), ("cue_prob", 1.5, r"\[0, 1.0\]"), ("noise_std", -0.1, r"\[0, 0.5\]"),
+    ("val_frames", 10, r"\[20, "), ("cue_prob", 1.5, r"\[0, 1.0\]"),
+    ("marker_width", 1.2, r"\[0, 1.0\]"), ("marker_blend", -0.1, r"\[0, 1.0\]"), ("noise_std", -0.1, r"\[0, 0.5\]"),
     ("max_objects", 0, r"\[1, 10\]"), ("seed", -1, r"\[0, "), ("classes", ("horse", "unicorn"), "zebra"),
     ("classes", (), "valid names"), ("classes", ("car", "car"), "duplicate")])
 def test_bad_config_names_key_and_valid_range(key, value, valid):

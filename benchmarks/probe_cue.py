@@ -1,0 +1,97 @@
+"""Cue probe: does a trained detector tell the members of a look-alike pair apart, and when?
+
+The synthetic benchmark hides which member of a pair (horse/zebra, car/bus, bear/giant_panda) an
+object is, except on the frames where its class marker is drawn (`cue_visible`). A recurrent model
+can only beat the single-frame cap if its base names the right member on those cue frames, and it
+only carries context if it stays right on the frames after. For every annotated object of a paired
+class in the val videos (each streamed from its first frame, state carried), the probe looks at the
+detections of the pair's two classes at IoU >= 0.5 and asks whether the true member outscores its
+look-alike. Objects are split by kind of frame: `cue` (marker drawn), `seen` (no marker now, but
+this track showed it earlier in the video) and `unseen` (no marker yet). `found` is the share of
+objects with a detection of either member; accuracy is over found objects (chance 0.5).
+
+    python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N]
+
+Reads the ground truth from the generator (the dataset's manifest), the images from disk.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.synthetic import ensure_synthetic, render_video, snippet_name  # noqa: E402
+from datamodules.synthetic_cap import _ID_BY_NAME, partner, synth_config_of  # noqa: E402
+from datamodules.vid import read_vid  # noqa: E402
+from lightning_modules.detect import detect_frames, load_detector, model_title  # noqa: E402
+
+KINDS = ("cue", "seen", "unseen")
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one inclusive-pixel box against [N, 4] boxes (the devkit's +1 convention)."""
+    x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x1, y1 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x1 - x0 + 1, 0, None) * np.clip(y1 - y0 + 1, 0, None)
+    area = lambda b: (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)  # noqa: E731
+    return inter / (area(box) + area(boxes) - inter)
+
+
+def probe(checkpoint: str, root: Path, videos: int) -> dict:
+    """{kind: [objects, found, right]} over the first `videos` val videos of the synthetic root."""
+    cfg = synth_config_of(root)
+    if cfg is None:
+        raise SystemExit(f"{root}: not a synthetic dataset (no manifest); the probe needs the generator's cue flags")
+    detector = load_detector(checkpoint)
+    by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
+    counts = {kind: [0, 0, 0] for kind in KINDS}
+    for index in range(min(videos, cfg.val_videos)):
+        name = snippet_name("val", index).rpartition("/")[2]
+        video = by_name[name]
+        truth = [[o for o in objects if o.annotated] for _, objects in render_video(cfg, "val", index)]
+        shots = detect_frames(detector, video, video.frames)
+        seen: set[int] = set()
+        for shot, objects in zip(shots, truth):
+            for obj in objects:
+                other = partner(obj.class_index, len(cfg.classes))
+                if other is None:
+                    continue
+                kind = "cue" if obj.cue_visible else ("seen" if obj.track in seen else "unseen")
+                ids = (_ID_BY_NAME[cfg.classes[obj.class_index]], _ID_BY_NAME[cfg.classes[other]])
+                best = [0.0, 0.0]
+                if len(shot.boxes):
+                    hit = iou(np.asarray(obj.box, np.float64), shot.boxes.astype(np.float64)) >= 0.5
+                    for j, cid in enumerate(ids):
+                        scores = shot.scores[hit & (shot.labels == cid)]
+                        best[j] = float(scores.max()) if len(scores) else 0.0
+                counts[kind][0] += 1
+                if max(best) > 0:
+                    counts[kind][1] += 1
+                    counts[kind][2] += int(best[0] > best[1])
+            seen.update(o.track for o in objects if o.cue_visible)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+", help="training checkpoints (.ckpt)")
+    parser.add_argument("--data-root", default=None, help="synthetic dataset folder (default: the built-in benchmark)")
+    parser.add_argument("--videos", type=int, default=32, help="val videos to probe (default 32)")
+    args = parser.parse_args(argv)
+    root = Path(args.data_root) if args.data_root else ensure_synthetic(progress=False)
+    print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in KINDS) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in KINDS) + " |")
+    for ckpt in args.checkpoints:
+        counts = probe(ckpt, root, args.videos)
+        cells = [f"{r / f:.2f} / {f / n:.2f} (n={n})" if f else f"- / 0.00 (n={n})" for n, f, r in
+                 (counts[k] for k in KINDS)]
+        print(f"| {ckpt} | {model_title(load_detector(ckpt)[1])} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
