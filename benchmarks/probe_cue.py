@@ -8,7 +8,9 @@ class in the val videos (each streamed from its first frame, state carried), the
 detections of the pair's two classes at IoU >= 0.5 and asks whether the true member outscores its
 look-alike. Objects are split by kind of frame: `cue` (marker drawn), `seen` (no marker now, but
 this track showed it earlier in the video) and `unseen` (no marker yet). `found` is the share of
-objects with a detection of either member; accuracy is over found objects (chance 0.5).
+objects with a detection of either member; accuracy is over found objects (chance 0.5). Two more
+columns over every annotated object: `top-1 class` and `top-1 pair`, whether the highest-scoring
+detection at IoU >= 0.5 (any class) names the object's class, or a member of its pair.
 
     python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N]
 
@@ -30,6 +32,7 @@ from datamodules.vid import read_vid  # noqa: E402
 from lightning_modules.detect import detect_frames, load_detector, model_title  # noqa: E402
 
 KINDS = ("cue", "seen", "unseen")
+TOP1 = ("top-1 class", "top-1 pair")
 
 
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -42,13 +45,14 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def probe(checkpoint: str, root: Path, videos: int) -> dict:
-    """{kind: [objects, found, right]} over the first `videos` val videos of the synthetic root."""
+    """{kind: [objects, found, right]} over the first `videos` val videos of the synthetic root; for
+    TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]."""
     cfg = synth_config_of(root)
     if cfg is None:
         raise SystemExit(f"{root}: not a synthetic dataset (no manifest); the probe needs the generator's cue flags")
     detector = load_detector(checkpoint)
     by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
-    counts = {kind: [0, 0, 0] for kind in KINDS}
+    counts = {kind: [0, 0, 0] for kind in KINDS + TOP1}
     for index in range(min(videos, cfg.val_videos)):
         name = snippet_name("val", index).rpartition("/")[2]
         video = by_name[name]
@@ -58,13 +62,20 @@ def probe(checkpoint: str, root: Path, videos: int) -> dict:
         for shot, objects in zip(shots, truth):
             for obj in objects:
                 other = partner(obj.class_index, len(cfg.classes))
+                hit = (iou(np.asarray(obj.box, np.float64), shot.boxes.astype(np.float64)) >= 0.5
+                       if len(shot.boxes) else np.zeros(0, bool))
+                top = int(shot.labels[np.flatnonzero(hit)[np.argmax(shot.scores[hit])]]) if hit.any() else None
+                pair = {_ID_BY_NAME[cfg.classes[p]] for p in (obj.class_index, other) if p is not None}
+                for key, right in zip(TOP1, (top == _ID_BY_NAME[cfg.classes[obj.class_index]], top in pair)):
+                    counts[key][0] += 1
+                    counts[key][1] += int(top is not None)
+                    counts[key][2] += int(top is not None and right)
                 if other is None:
                     continue
                 kind = "cue" if obj.cue_visible else ("seen" if obj.track in seen else "unseen")
                 ids = (_ID_BY_NAME[cfg.classes[obj.class_index]], _ID_BY_NAME[cfg.classes[other]])
                 best = [0.0, 0.0]
-                if len(shot.boxes):
-                    hit = iou(np.asarray(obj.box, np.float64), shot.boxes.astype(np.float64)) >= 0.5
+                if hit.any():
                     for j, cid in enumerate(ids):
                         scores = shot.scores[hit & (shot.labels == cid)]
                         best[j] = float(scores.max()) if len(scores) else 0.0
@@ -83,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=32, help="val videos to probe (default 32)")
     args = parser.parse_args(argv)
     root = Path(args.data_root) if args.data_root else ensure_synthetic(progress=False)
-    print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in KINDS) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in KINDS) + " |")
+    print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in KINDS + TOP1) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in KINDS + TOP1) + " |")
     for ckpt in args.checkpoints:
         counts = probe(ckpt, root, args.videos)
         cells = [f"{r / f:.2f} / {f / n:.2f} (n={n})" if f else f"- / 0.00 (n={n})" for n, f, r in
-                 (counts[k] for k in KINDS)]
+                 (counts[k] for k in KINDS + TOP1)]
         print(f"| {ckpt} | {model_title(load_detector(ckpt)[1])} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

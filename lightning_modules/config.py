@@ -119,6 +119,11 @@ class ModelConfig:
     # instead of the full 6 (0.2 at every ratio, 0.28 square). False suits small frames whose objects
     # are ~0.2-0.35 of the side (the synthetic profile), where the reduced set only has oblong anchors.
     reduce_boxes_in_lowest_layer: bool = True
+    # None: the class heads' last convolution starts like every other (He-normal, zero bias). A prior p
+    # in (0, 1): it starts near zero (std 0.01) with biases that give every anchor background 1 - p and
+    # each class p (RetinaNet's prior initialisation), so the first steps do not spend themselves on the
+    # ~0.5 sigmoid outputs of 31 logits at every anchor.
+    class_prior: Optional[float] = None
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
 
 
@@ -163,6 +168,8 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
     if not 0.0 <= cfg.bn_momentum <= 1.0:
         raise ValueError(f"model.bn_momentum must be in [0, 1], got {cfg.bn_momentum}")
+    if cfg.class_prior is not None and not 0.0 < cfg.class_prior < 1.0:
+        raise ValueError(f"model.class_prior must be null or in (0, 1) (e.g. 0.01), got {cfg.class_prior}")
     for name in cfg.recurrent.after:
         if name not in PLACEMENTS:
             raise ValueError(

@@ -11,6 +11,8 @@ only the cells unroll over time. `state=None` (or a `reset` flag) means a new vi
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -174,6 +176,16 @@ class LSTMSSD(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        prior = self.cfg.class_prior
+        if prior is not None:  # model.class_prior: background 1 - p, each class p at every anchor
+            logit = math.log((1.0 - prior) / prior)
+            for head in self.heads_class:
+                conv = head[-1]
+                nn.init.normal_(conv.weight, std=0.01)
+                with torch.no_grad():
+                    bias = conv.bias.view(-1, self.num_classes + 1)  # [anchors, C + 1], background first
+                    bias[:, 0] = logit
+                    bias[:, 1:] = -logit
 
     def _cell_width(self, position: str, m: int, alpha_lstm: float) -> int:
         """Output width N of a recurrent layer with input width M at `position` (paper Sec. 3.3, 4.2)."""

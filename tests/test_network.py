@@ -124,3 +124,19 @@ def test_widths_follow_the_extended_width_multiplier():
     assert "conv14" not in net.base  # the paper prunes MobileNet's final layer
     full = _net("model.arch=mobilenet_ssd", "model.recurrent.type=none")
     assert "conv14" in full.base
+
+
+def test_class_prior_sets_the_first_outputs_and_is_validated():
+    """model.class_prior p: every anchor starts at background ~1 - p and each class ~p; without it the
+    class heads start like every other convolution (outputs far from p)."""
+    overrides = ["model.alpha=0.25", "model.input_size=128"]
+    torch.manual_seed(0)
+    _, logits, _ = create_model(load_config(overrides=overrides + ["model.class_prior=0.01"]).model)(
+        torch.rand(1, 2, 3, 128, 128))
+    probs = logits.sigmoid()
+    assert torch.allclose(probs[..., 0], torch.tensor(0.99), atol=0.005)
+    assert torch.allclose(probs[..., 1:], torch.tensor(0.01), atol=0.005)
+    _, plain, _ = create_model(load_config(overrides=overrides).model)(torch.rand(1, 2, 3, 128, 128))
+    assert (plain.sigmoid()[..., 1:] - 0.01).abs().max() > 0.1
+    with pytest.raises(ValueError, match=r"model\.class_prior"):
+        load_config(overrides=overrides + ["model.class_prior=1.5"])
