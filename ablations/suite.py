@@ -52,6 +52,7 @@ PROFILE_DEFAULTS: Dict[str, Dict[str, Any]] = {
         "model.recurrent.init": "identity",  # stage 2 starts from the single-frame network's function
         "model.recurrent.same_width": True,  # the Bottleneck-LSTM keeps FM1's and the heads' stage-1 weights
         "train.epsilon": 0.0001,  # RMSprop with a small epsilon: adaptive per weight
+        "train.loc_weight": 1.0,  # not the release's 4: the class heads learn the pairs (README, cue probe)
         "train.lr_decay_steps": 800,
         "train.lr_decay_factor": 0.3,
         "train.ema_decay": 0.98,
