@@ -202,7 +202,37 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
     return lines
 
 
-def _provenance(records: List[TrialRecord]) -> List[str]:
+def _width_note(records: List[TrialRecord]) -> List[str]:
+    """A line when the trials were trained at scaled widths (model.width_scale): the alpha in the row
+    labels is the paper's, and params / MACs are those of the network actually trained."""
+    scales = sorted({float(r.config.get("model.width_scale") or 1.0) for r in records})
+    if scales == [1.0]:
+        return []
+    return [f"- Widths: trained at model.width_scale {', '.join(f'{s:g}' for s in scales)} times the paper's "
+            "(alpha 1 rows train at 0.5, alpha 0.5 rows at 0.25): rows keep the paper's alpha as their label, "
+            "and their params / MACs are those of the network trained. The paper-scale counts are in the cost "
+            "tables (`tafm cost --table`)."]
+
+
+def read_sessions(suite_dir: Path) -> List[dict]:
+    """The `tafm run` invocations of a suite (runs/<suite>/sessions.jsonl), oldest first; [] if none."""
+    path = Path(suite_dir) / "sessions.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def wall_time_text(sessions: List[dict]) -> str:
+    """`42 min (2 runs, 2 workers)`: the summed wall clock of a suite's invocations."""
+    if not sessions:
+        return "not recorded"
+    total = sum(float(s.get("wall_s") or 0.0) for s in sessions)
+    workers = sorted({int(s.get("workers") or 1) for s in sessions})
+    runs = f"{len(sessions)} run{'s' if len(sessions) > 1 else ''}"
+    return f"{total / 60:.0f} min ({runs}, {'/'.join(map(str, workers))} worker{'s' if workers != [1] else ''})"
+
+
+def _provenance(records: List[TrialRecord], sessions: Optional[List[dict]] = None) -> List[str]:
     roots = {str(r.config["data.root"]) for r in records if r.config.get("data.root") is not None}
     dataset = ", ".join(sorted(roots)) if roots else "the synthetic VID benchmark (tafm data synth defaults)"
     commits = ", ".join(sorted({str(r.provenance.git_commit) for r in records if r.provenance.git_commit})) or "unknown"
@@ -213,6 +243,9 @@ def _provenance(records: List[TrialRecord]) -> List[str]:
             "absolute values are not comparable; compare the ordering of the rows with the paper's (whether it "
             "matches is a finding of this run, not a given).",
             f"- Seeds: {seeds}; trials: {len(records)}; commit: {commits}; machine: {machines}.",
+            f"- Wall time: {wall_time_text(sessions or [])}, from each `tafm run` start until its trials were recorded "
+            "(extras and report not included).",
+            *_width_note(records),
             f"- Generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the suite's records."]
 
 
@@ -228,17 +261,27 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
     lines += suite_table(table, records, Path(runs_dir) / suite)
     for extra in sorted((Path(runs_dir) / suite / "extras").glob("*.md")):
         lines += ["", extra.read_text().rstrip()]
-    lines += ["", "## Provenance", ""] + _provenance(records)
+    lines += ["", "## Provenance", ""] + _provenance(records, read_sessions(Path(runs_dir) / suite))
     target.mkdir(parents=True, exist_ok=True)
     readme = target / "README.md"
     readme.write_text("\n".join(lines) + "\n")
     return readme
 
 
-def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path) -> Path:
-    """reports/README.md listing every suite report."""
-    rows = [[name, f"[{description}]({path.relative_to(out_dir)})"] for name, description, path in entries]
-    lines = ["# Regenerated tables", "", *markdown_table(["suite", "report"], rows)]
+def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path, runs_dir: Optional[Path] = None) -> Path:
+    """reports/README.md listing every suite report; with `runs_dir`, each with its seeds, wall time and commit."""
+    header, rows = ["suite", "report"], []
+    if runs_dir is not None:
+        header += ["seeds", "trials", "wall time", "commit"]
+    for name, description, path in entries:
+        row = [name, f"[{description}]({path.relative_to(out_dir)})"]
+        if runs_dir is not None:
+            records = load_records(Path(runs_dir), name)
+            commits = sorted({str(r.provenance.git_commit)[:12] for r in records if r.provenance.git_commit})
+            row += [", ".join(map(str, sorted({int(r.seed) for r in records}))), str(len(records)),
+                    wall_time_text(read_sessions(Path(runs_dir) / name)), ", ".join(commits) or "unknown"]
+        rows.append(row)
+    lines = ["# Regenerated tables", "", *markdown_table(header, rows)]
     index = Path(out_dir) / "README.md"
     index.write_text("\n".join(lines) + "\n")
     return index

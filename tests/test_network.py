@@ -140,3 +140,17 @@ def test_class_prior_sets_the_first_outputs_and_is_validated():
     assert (plain.sigmoid()[..., 1:] - 0.01).abs().max() > 0.1
     with pytest.raises(ValueError, match=r"model\.class_prior"):
         load_config(overrides=overrides + ["model.class_prior=1.5"])
+
+
+@pytest.mark.parametrize("arch", ["lstm_ssd", "mobilenet_ssd"])
+def test_width_scale_builds_the_scaled_network(arch):
+    """model.width_scale=0.5 at alpha 1 builds exactly the alpha 0.5 network; the label stays alpha 1."""
+    def shapes(*overrides):
+        cfg = load_config(overrides=[f"model.arch={arch}", "model.input_size=128", *overrides]).model
+        return cfg, [tuple(p.shape) for p in create_model(cfg).parameters()]
+
+    scaled_cfg, scaled = shapes("model.alpha=1.0", "model.width_scale=0.5")
+    assert scaled == shapes("model.alpha=0.5")[1] != shapes("model.alpha=1.0")[1]
+    assert scaled_cfg.alpha == 1.0
+    with pytest.raises(ValueError, match=r"model\.width_scale"):
+        load_config(overrides=["model.width_scale=0"])
