@@ -9,8 +9,11 @@ The `tafm run` command only parses its arguments and calls this.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
@@ -22,6 +25,7 @@ if TYPE_CHECKING:  # records bring pandas: not loaded before the preflight check
 
 Log = Callable[[str], None]
 LIBRARY_LOG = "libraries.log"  # library warnings and C++ output of a quiet run, per suite
+SESSIONS = "sessions.jsonl"  # one line per `tafm run` of a suite: when, how long, workers, seeds, commit
 
 
 @dataclass
@@ -117,12 +121,14 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     from ablations.suite import trial_config
     from ablations.tracking import sync_command
 
+    started = time.time()
     records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
                         lambda delta: trial_config(options.overrides, delta), log=log)
     if worker_only:
         return records
     if helpers:
         records = join_workers(helpers, suite, options)
+    record_session(Path(options.runs_dir) / suite.name, started, request, len(records))
     log(f"[{suite.name}] {len(records)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if records:
         run_extras(suite, Path(options.runs_dir), log)
@@ -133,6 +139,19 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     if command and mode == "offline":
         log(f"[{suite.name}] upload the W&B runs with: {command}")
     return records
+
+
+def record_session(folder: Path, started: float, request: SuiteRequest, trials: int) -> None:
+    """Append this invocation's wall clock (start to every trial recorded, before extras and report) to
+    runs/<suite>/sessions.jsonl, which the report's provenance sums."""
+    from ablations.provenance import provenance
+
+    entry = {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
+             "wall_s": round(time.time() - started, 1), "workers": request.workers, "seeds": request.seeds,
+             "trials_recorded": trials, "git_commit": provenance().get("git_commit")}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / SESSIONS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def results_table(records: Sequence[TrialRecord], metric: str) -> List[str]:
@@ -252,5 +271,5 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
         log(f"wrote {path}")
         log_report(mode, suite.name, runs_dir / suite.name, records_frame(load_records(runs_dir, suite.name)), path)
     if every:
-        log(f"wrote {write_index(written, out_dir)}")
+        log(f"wrote {write_index(written, out_dir, runs_dir)}")
     return [path for _, _, path in written]

@@ -169,3 +169,26 @@ def test_grid_points_building_the_same_model_stay_apart(tmp_path):
     runs = _write(tmp_path, "table3_recurrent", [first, second])
     rows = _table_rows(write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text())
     assert len(rows) == 2 and "train.lr=0.001" in rows[0] and "| 40.0 |" in rows[0] and "| 60.0 |" in rows[1]
+
+
+def test_wall_time_seeds_and_commit_reach_the_report_and_the_index(tmp_path):
+    runs = _write(tmp_path, "table3_recurrent", [_row("none", 0.5, 0.30, after=(), seed=s) for s in (0, 1)]
+                  + [_row("gru", 0.5, 0.40, seed=s) for s in (0, 1)])
+    frame = pd.read_csv(runs / "table3_recurrent" / "results.csv")
+    frame["config.model.width_scale"] = 0.5
+    frame.to_csv(runs / "table3_recurrent" / "results.csv", index=False)
+    sessions = runs / "table3_recurrent" / "sessions.jsonl"
+    sessions.write_text("\n".join(json.dumps({"wall_s": w, "workers": 2, "seeds": 2}) for w in (1500.0, 1260.0)) + "\n")
+    readme = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports")
+    text = readme.read_text()
+    assert "Wall time: 46 min (2 runs, 2 workers)" in text
+    assert "model.width_scale 0.5" in text
+    index = write_index([("table3_recurrent", "Table 3", readme)], tmp_path / "reports", runs).read_text()
+    row = next(line for line in index.splitlines() if line.startswith("| table3_recurrent"))
+    assert "| 0, 1 | 4 | 46 min (2 runs, 2 workers) | abc123 |" in row
+
+
+def test_a_suite_without_sessions_says_its_wall_time_was_not_recorded(tmp_path):
+    runs = _write(tmp_path, "table3_recurrent", [_row("none", 0.5, 0.30, after=())])
+    text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
+    assert "Wall time: not recorded" in text and "width_scale" not in text

@@ -50,6 +50,9 @@ def test_smoke_records_are_complete_and_match_the_study(smoke_run):
         assert "metric.occ0.5/vid_map50" in row and row["git_commit"] and json.loads(row["versions"])["torch"]
     kinds = set(frame["config.model.recurrent.type"])
     assert kinds == {"none", "bottleneck_lstm"}
+    sessions = [json.loads(line) for line in (smoke_run / "smoke" / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 1 and sessions[0]["wall_s"] > 0 and sessions[0]["trials_recorded"] == 2
+    assert "Wall time: " in (smoke_run.parent / "reports" / "smoke" / "README.md").read_text()
 
 
 def test_smoke_shares_one_stage1_checkpoint(smoke_run):
