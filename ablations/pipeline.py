@@ -257,7 +257,7 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
     from ablations.tracking import log_report
     from reports.tables import ReportError, load_records, write_index, write_report
 
-    written = []
+    written, skipped = [], []
     for name in names:
         suite = load_suite(name)
         try:
@@ -266,10 +266,11 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
             if not every:
                 raise
             log(f"skipped {name}: {error}")
+            skipped.append(name)
             continue
         written.append((suite.name, suite.description, path))
         log(f"wrote {path}")
         log_report(mode, suite.name, runs_dir / suite.name, records_frame(load_records(runs_dir, suite.name)), path)
     if every:
-        log(f"wrote {write_index(written, out_dir, runs_dir)}")
+        log(f"wrote {write_index(written, out_dir, runs_dir, tuple(skipped))}")
     return [path for _, _, path in written]

@@ -268,8 +268,16 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
     return readme
 
 
-def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path, runs_dir: Optional[Path] = None) -> Path:
-    """reports/README.md listing every suite report; with `runs_dir`, each with its seeds, wall time and commit."""
+def _short_commit(commit: str) -> str:
+    """The first 12 hex digits, keeping a `+dirty` mark."""
+    head, _, mark = commit.partition("+")
+    return head[:12] + (f"+{mark}" if mark else "")
+
+
+def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path, runs_dir: Optional[Path] = None,
+                not_run: Tuple[str, ...] = ()) -> Path:
+    """reports/README.md listing every suite report; with `runs_dir`, each with its seeds, wall time and
+    commit; `not_run` suites are listed as such."""
     header, rows = ["suite", "report"], []
     if runs_dir is not None:
         header += ["seeds", "trials", "wall time", "commit"]
@@ -277,10 +285,11 @@ def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path, runs_dir: O
         row = [name, f"[{description}]({path.relative_to(out_dir)})"]
         if runs_dir is not None:
             records = load_records(Path(runs_dir), name)
-            commits = sorted({str(r.provenance.git_commit)[:12] for r in records if r.provenance.git_commit})
+            commits = sorted({_short_commit(str(r.provenance.git_commit)) for r in records if r.provenance.git_commit})
             row += [", ".join(map(str, sorted({int(r.seed) for r in records}))), str(len(records)),
                     wall_time_text(read_sessions(Path(runs_dir) / name)), ", ".join(commits) or "unknown"]
         rows.append(row)
+    rows += [[name, "not run yet: no records"] + [""] * (len(header) - 2) for name in not_run]
     lines = ["# Regenerated tables", "", *markdown_table(header, rows)]
     index = Path(out_dir) / "README.md"
     index.write_text("\n".join(lines) + "\n")

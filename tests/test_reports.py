@@ -186,6 +186,12 @@ def test_wall_time_seeds_and_commit_reach_the_report_and_the_index(tmp_path):
     index = write_index([("table3_recurrent", "Table 3", readme)], tmp_path / "reports", runs).read_text()
     row = next(line for line in index.splitlines() if line.startswith("| table3_recurrent"))
     assert "| 0, 1 | 4 | 46 min (2 runs, 2 workers) | abc123 |" in row
+    frame["git_commit"] = "0123456789abcdef0123+dirty"
+    frame.to_csv(runs / "table3_recurrent" / "results.csv", index=False)
+    index = write_index([("table3_recurrent", "Table 3", readme)], tmp_path / "reports", runs,
+                        not_run=("table6_occlusion",)).read_text()
+    assert "| 0123456789ab+dirty |" in index
+    assert "| table6_occlusion | not run yet: no records |" in index
 
 
 def test_a_suite_without_sessions_says_its_wall_time_was_not_recorded(tmp_path):
