@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datamodules.metrics import devkit_iou  # noqa: E402
 from datamodules.synthetic import ensure_synthetic, render_video, snippet_name  # noqa: E402
 from datamodules.synthetic_cap import _ID_BY_NAME, partner, synth_config_of  # noqa: E402
 from datamodules.vid import read_vid  # noqa: E402
@@ -35,22 +36,12 @@ KINDS = ("cue", "seen", "unseen")
 TOP1 = ("top-1 class", "top-1 pair")
 
 
-def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one inclusive-pixel box against [N, 4] boxes (the devkit's +1 convention)."""
-    x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x1, y1 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x1 - x0 + 1, 0, None) * np.clip(y1 - y0 + 1, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
-
-
-def probe(checkpoint: str, root: Path, videos: int) -> dict:
-    """{kind: [objects, found, right]} over the first `videos` val videos of the synthetic root; for
-    TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]."""
+def probe(detector, root: Path, videos: int) -> dict:
+    """{kind: [objects, found, right]} of a `load_detector` detector over the first `videos` val videos of
+    the synthetic root; for TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]."""
     cfg = synth_config_of(root)
     if cfg is None:
         raise SystemExit(f"{root}: not a synthetic dataset (no manifest); the probe needs the generator's cue flags")
-    detector = load_detector(checkpoint)
     by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
     counts = {kind: [0, 0, 0] for kind in KINDS + TOP1}
     for index in range(min(videos, cfg.val_videos)):
@@ -62,8 +53,7 @@ def probe(checkpoint: str, root: Path, videos: int) -> dict:
         for shot, objects in zip(shots, truth):
             for obj in objects:
                 other = partner(obj.class_index, len(cfg.classes))
-                hit = (iou(np.asarray(obj.box, np.float64), shot.boxes.astype(np.float64)) >= 0.5
-                       if len(shot.boxes) else np.zeros(0, bool))
+                hit = devkit_iou(np.asarray(obj.box), shot.boxes) >= 0.5
                 top = int(shot.labels[np.flatnonzero(hit)[np.argmax(shot.scores[hit])]]) if hit.any() else None
                 pair = {_ID_BY_NAME[cfg.classes[p]] for p in (obj.class_index, other) if p is not None}
                 for key, right in zip(TOP1, (top == _ID_BY_NAME[cfg.classes[obj.class_index]], top in pair)):
@@ -97,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in KINDS + TOP1) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in KINDS + TOP1) + " |")
     for ckpt in args.checkpoints:
-        counts = probe(ckpt, root, args.videos)
+        detector = load_detector(ckpt)
+        counts = probe(detector, root, args.videos)
         cells = [f"{r / f:.2f} / {f / n:.2f} (n={n})" if f else f"- / 0.00 (n={n})" for n, f, r in
                  (counts[k] for k in KINDS + TOP1)]
-        print(f"| {ckpt} | {model_title(load_detector(ckpt)[1])} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {ckpt} | {model_title(detector[1])} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 
