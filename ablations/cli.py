@@ -29,7 +29,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from datamodules.synthetic import SynthConfig, generate
 
     fields = {k: getattr(args, k) for k in ("videos", "val_videos", "frames", "size", "seed", "cue_prob",
-                                            "marker_width", "marker_blend")
+                                            "marker_width", "marker_blend", "marker_style")
               if getattr(args, k) is not None}
     out = generate(Path(args.out), SynthConfig(**fields), progress=True)
     print(f"synthetic VID dataset in {out}")
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cue-prob", type=float, help="per object and frame: chance the class marker is drawn (0.35)")
     synth.add_argument("--marker-width", type=float, help="marker band half-width, fraction of the object's half-size (0.22)")
     synth.add_argument("--marker-blend", type=float, help="how far the band moves towards white / black, 0..1 (0.75)")
+    synth.add_argument("--marker-style", choices=["band", "tint"],
+                       help="the marker: a band through the object's centre, or the whole object lighter/darker (band)")
     synth.set_defaults(func=_cmd_data_synth)
     return parser
 

@@ -22,7 +22,7 @@ from filelock import FileLock
 from PIL import Image
 
 from datamodules.synthetic_render import (
-    MARKER_BLEND, MARKER_HALF_WIDTH, MARKERS, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
+    MARKER_BLEND, MARKER_HALF_WIDTH, MARKER_STYLES, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
 from datamodules.vid import VID_CLASSES  # the one class table (id, name, WordNet id)
 
 GENERATOR_VERSION = 2  # bump whenever the output for a given config changes
@@ -63,6 +63,7 @@ class SynthConfig:
     cue_prob: float = 0.35            # per object and frame: class marker drawn
     marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, fraction of the object's half-size
     marker_blend: float = MARKER_BLEND       # how far the band moves towards white (light) / black (dark)
+    marker_style: str = "band"        # "band" through the centre, or "tint": the whole object (MARKER_STYLES)
     fade_prob: float = 0.15           # per object and frame: object drawn at 35-60% opacity
     flicker_prob: float = 0.15        # per frame: brightness jump and 3x noise
     noise_std: float = 0.05           # per-pixel Gaussian noise std, fraction of 255
@@ -103,6 +104,9 @@ class SynthConfig:
             val, hi = getattr(self, key), 0.5 if key == "noise_std" else 1.0
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= val <= hi:
                 raise ValueError(f"SynthConfig.{key}={val!r}: must be a number in [0, {hi}]")
+        if self.marker_style not in MARKER_STYLES:
+            raise ValueError(f"SynthConfig.marker_style={self.marker_style!r}: must be one of "
+                             f"{', '.join(MARKER_STYLES)}")
         valid = ", ".join(_BY_NAME)
         if not 1 <= len(self.classes) <= 30:
             raise ValueError(f"SynthConfig.classes: needs 1 to 30 VID class names, got {len(self.classes)}; "
@@ -144,7 +148,8 @@ def render_video(cfg: SynthConfig, split: str, index: int) -> Iterator[tuple[np.
     frames = cfg.frames if split == "train" else cfg.frames_val
     scene = sample_scene(rng, len(cfg.classes), cfg.width, cfg.height, frames, cfg.max_objects,
                          cfg.cue_prob, cfg.fade_prob, cfg.flicker_prob, cfg.noise_std,
-                         cfg.occluder_prob, cfg.max_occluders, cfg.marker_width, cfg.marker_blend)
+                         cfg.occluder_prob, cfg.max_occluders, cfg.marker_width, cfg.marker_blend,
+                         cfg.marker_style)
     for t in range(frames):
         yield render_frame(scene, t, rng)
 
@@ -263,7 +268,7 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> Path:
             "format": "tafm synthetic ImageNet VID", "version": GENERATOR_VERSION, "config": config_dict(cfg),
             "width": cfg.width, "height": cfg.height, "counts": totals,
             "classes": [{"id": _BY_NAME[n][0], "name": n, "wnid": _BY_NAME[n][1],
-                         "shape": class_appearance(i).shape, "marker": MARKERS[class_appearance(i).marker]}
+                         "shape": class_appearance(i).shape, "marker": MARKER_STYLES[cfg.marker_style][class_appearance(i).marker]}
                         for i, n in enumerate(cfg.classes)],
             "min_visible_px": MIN_VISIBLE_PX, "occluded_fraction": OCCLUDED_FRACTION}
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -15,7 +15,12 @@ from PIL import Image
 SHAPES: tuple[str, ...] = ("ellipse", "triangle", "rectangle", "diamond", "cross", "hexagon")
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (220, 60, 50), (50, 110, 220), (240, 190, 40), (60, 180, 80), (170, 70, 200))
-MARKERS: tuple[str, ...] = ("light horizontal band", "dark vertical band")
+#: How a pair's members differ on cue frames, per marker style: member 0, member 1.
+#: `band`: a band through the object's centre; `tint`: the whole object, lighter or darker.
+MARKER_STYLES: dict[str, tuple[str, str]] = {
+    "band": ("light horizontal band", "dark vertical band"),
+    "tint": ("lighter tint", "darker tint"),
+}
 MARKER_HALF_WIDTH = 0.22      # marker band half-width, in units of the object's half-size
 MARKER_BLEND = 0.75           # how far the marker band moves towards white / black
 MIN_VISIBLE_PX = 12           # objects with fewer visible pixels are not annotated
@@ -93,6 +98,7 @@ class Scene:
     noise: np.ndarray        # float [frames]: per-pixel Gaussian noise std, in 0..255 units
     marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, in units of the object's half-size
     marker_blend: float = MARKER_BLEND       # how far the band moves towards white / black
+    marker_style: str = "band"               # a key of MARKER_STYLES
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,8 @@ def _centre_inside_frames(track: Track, width: int, height: int, frames: int) ->
 def sample_scene(rng: np.random.Generator, n_classes: int, width: int, height: int, frames: int,
                  max_objects: int, cue_prob: float, fade_prob: float, flicker_prob: float,
                  noise_std: float, occluder_prob: float, max_occluders: int,
-                 marker_width: float = MARKER_HALF_WIDTH, marker_blend: float = MARKER_BLEND) -> Scene:
+                 marker_width: float = MARKER_HALF_WIDTH, marker_blend: float = MARKER_BLEND,
+                 marker_style: str = "band") -> Scene:
     """Sample one video; resamples the tracks until one is centred in the frame for >= min(frames, 5) frames."""
     looks = [class_appearance(i) for i in range(n_classes)]
     while True:
@@ -197,7 +204,7 @@ def sample_scene(rng: np.random.Generator, n_classes: int, width: int, height: i
                     rng.uniform(0.93, 1.07, frames))
     noise = noise_std * 255.0 * np.where(flicker, 3.0, 1.0)
     return Scene(width, height, frames, tracks, occluders, background, pan, cue, alpha, gain, noise,
-                 marker_width, marker_blend)
+                 marker_width, marker_blend, marker_style)
 
 
 def silhouette(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -220,8 +227,11 @@ def silhouette(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def paint_object(img: np.ndarray, owner: np.ndarray, index: int, look: Appearance,
                  colour: tuple[float, float, float], cx: float, cy: float, hw: float, hh: float,
                  cue_visible: bool, alpha: float, marker_width: float = MARKER_HALF_WIDTH,
-                 marker_blend: float = MARKER_BLEND) -> np.ndarray | None:
+                 marker_blend: float = MARKER_BLEND, marker_style: str = "band") -> np.ndarray | None:
     """Draw one object (marker only if cue_visible) over img in place; mark its pixels in owner.
+
+    The marker (`MARKER_STYLES`) moves pixels `marker_blend` of the way towards white (member 0) or
+    black (member 1): a band of half-width `marker_width` (`band`) or the whole object (`tint`).
 
     Returns the in-frame silhouette mask as a full-frame bool array, or None if nothing is inside.
     """
@@ -237,11 +247,15 @@ def paint_object(img: np.ndarray, owner: np.ndarray, index: int, look: Appearanc
         return None
     fill = np.broadcast_to(np.array(colour, np.float32), mask.shape + (3,)).copy()
     if cue_visible:
+        if marker_style == "tint":
+            band = np.ones(mask.shape, bool)
+        elif marker_style == "band":
+            band = np.broadcast_to(np.abs(v if look.marker == 0 else u) <= marker_width, mask.shape)
+        else:
+            raise ValueError(f"unknown marker_style {marker_style!r}; valid: {', '.join(MARKER_STYLES)}")
         if look.marker == 0:
-            band = np.broadcast_to(np.abs(v) <= marker_width, mask.shape)
             fill[band] += marker_blend * (255.0 - fill[band])
         else:
-            band = np.broadcast_to(np.abs(u) <= marker_width, mask.shape)
             fill[band] *= 1.0 - marker_blend
     region = img[y0:y1, x0:x1]
     region[mask] = alpha * fill[mask] + (1.0 - alpha) * region[mask]
@@ -284,7 +298,8 @@ def render_frame(scene: Scene, t: int, noise_rng: np.random.Generator) -> tuple[
         look = looks.setdefault(tr.class_index, class_appearance(tr.class_index))
         cx, cy, hw, hh = tr.state(t, h)
         mask = paint_object(img, owner, k, look, tr.colour, cx, cy, hw, hh,
-                            bool(scene.cue[k, t]), float(scene.alpha[k, t]), scene.marker_width, scene.marker_blend)
+                            bool(scene.cue[k, t]), float(scene.alpha[k, t]), scene.marker_width, scene.marker_blend,
+                            scene.marker_style)
         if mask is not None:
             masks[k] = mask
     for occ in scene.occluders:

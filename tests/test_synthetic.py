@@ -189,6 +189,28 @@ def test_marker_width_and_blend_set_the_band():
     assert [o.box for o in bold] == [o.box for _, fr in render_video(tiny(), "train", 0) for o in fr]
 
 
+def test_tint_marker_moves_the_whole_object_lighter_or_darker():
+    """`tint` changes every pixel of the object (member 0 lighter, member 1 darker), `band` only a band;
+    without the cue the two styles draw the same object."""
+    a, b = class_appearance(0), class_appearance(1)
+
+    def draw(look, cue, style):
+        img, owner = np.full((40, 40, 3), 90.0, np.float32), np.full((40, 40), -1, np.int32)
+        mask = paint_object(img, owner, 0, look, look.colour, 20.0, 20.0, 15.0, 15.0, cue, 1.0,
+                            marker_blend=0.5, marker_style=style)
+        return img, mask
+
+    plain, mask = draw(a, False, "tint")
+    assert np.array_equal(plain, draw(a, False, "band")[0])
+    light, dark = draw(a, True, "tint")[0], draw(b, True, "tint")[0]
+    assert (light[mask] > plain[mask]).any(-1).all() and (dark[mask] < plain[mask]).any(-1).all()
+    assert np.array_equal(light[~mask], plain[~mask])
+    band = draw(a, True, "band")[0]
+    assert 0 < (np.abs(band - plain).sum(-1) > 0).sum() < 0.5 * mask.sum()
+    with pytest.raises(ValueError, match=r"SynthConfig\.marker_style='dots': must be one of band, tint"):
+        SynthConfig(marker_style="dots")
+
+
 def test_class_cue_hidden_on_many_frames_but_not_all():
     cfg = tiny(videos=4, frames=20)
     objs = [o for v in range(cfg.videos) for _, fr in render_video(cfg, "train", v) for o in fr if o.annotated]
