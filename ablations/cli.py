@@ -270,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cue-prob", type=float, help="per object and frame: chance the class marker is drawn (0.35)")
     synth.add_argument("--marker-width", type=float, help="marker band half-width, fraction of the object's half-size (0.22)")
     synth.add_argument("--marker-blend", type=float, help="how far the band moves towards white / black, 0..1 (0.75)")
-    synth.add_argument("--marker-style", choices=["band", "tint"],
-                       help="the marker: a band through the object's centre, or the whole object lighter/darker (band)")
+    synth.add_argument("--marker-style", choices=["band", "tint", "colour"],
+                       help="the marker: band (light/dark band through the centre), tint (the whole object "
+                            "lighter/darker), colour (the band in cyan/magenta) (band)")
     synth.set_defaults(func=_cmd_data_synth)
     return parser
 

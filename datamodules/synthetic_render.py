@@ -16,11 +16,14 @@ SHAPES: tuple[str, ...] = ("ellipse", "triangle", "rectangle", "diamond", "cross
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (220, 60, 50), (50, 110, 220), (240, 190, 40), (60, 180, 80), (170, 70, 200))
 #: How a pair's members differ on cue frames, per marker style: member 0, member 1.
-#: `band`: a band through the object's centre; `tint`: the whole object, lighter or darker.
+#: `band`: a band through the object's centre; `tint`: the whole object, lighter or darker;
+#: `colour`: the band, towards cyan or magenta instead of white or black.
 MARKER_STYLES: dict[str, tuple[str, str]] = {
     "band": ("light horizontal band", "dark vertical band"),
     "tint": ("lighter tint", "darker tint"),
+    "colour": ("cyan horizontal band", "magenta vertical band"),
 }
+CUE_COLOURS = ((0.0, 220.0, 220.0), (220.0, 0.0, 220.0))  # `colour` style: member 0, member 1
 MARKER_HALF_WIDTH = 0.22      # marker band half-width, in units of the object's half-size
 MARKER_BLEND = 0.75           # how far the marker band moves towards white / black
 MIN_VISIBLE_PX = 12           # objects with fewer visible pixels are not annotated
@@ -249,14 +252,15 @@ def paint_object(img: np.ndarray, owner: np.ndarray, index: int, look: Appearanc
     if cue_visible:
         if marker_style == "tint":
             band = np.ones(mask.shape, bool)
-        elif marker_style == "band":
+        elif marker_style in ("band", "colour"):
             band = np.broadcast_to(np.abs(v if look.marker == 0 else u) <= marker_width, mask.shape)
         else:
             raise ValueError(f"unknown marker_style {marker_style!r}; valid: {', '.join(MARKER_STYLES)}")
-        if look.marker == 0:
-            fill[band] += marker_blend * (255.0 - fill[band])
+        if marker_style == "colour":
+            target = np.array(CUE_COLOURS[look.marker], np.float32)
         else:
-            fill[band] *= 1.0 - marker_blend
+            target = np.full(3, 255.0 if look.marker == 0 else 0.0, np.float32)
+        fill[band] += marker_blend * (target - fill[band])
     region = img[y0:y1, x0:x1]
     region[mask] = alpha * fill[mask] + (1.0 - alpha) * region[mask]
     owner[y0:y1, x0:x1][mask] = index

@@ -2,6 +2,7 @@
 before any study is opened or anything trained; only unexpected errors are retried."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,15 @@ def test_data_synth_into_a_foreign_folder_is_one_line(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path)]) == 2
     line = _one_line_error(capsys)
     assert f"{tmp_path} exists and is not a synthetic dataset" in line and "pick another folder" in line
+
+
+def test_data_synth_marker_style_reaches_the_manifest(tmp_path, capsys):
+    out = tmp_path / "colour"
+    assert main(["data", "synth", str(out), "--videos", "1", "--val-videos", "1", "--frames", "2",
+                 "--size", "32", "--marker-style", "colour"]) == 0
+    manifest = json.loads((out / "tafm_synth.json").read_text())
+    assert manifest["config"]["marker_style"] == "colour"
+    assert [c["marker"] for c in manifest["classes"][:2]] == ["cyan horizontal band", "magenta vertical band"]
 
 
 # ---- inside a trial: user errors stop the suite at once, unexpected ones are retried ----

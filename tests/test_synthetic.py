@@ -189,9 +189,9 @@ def test_marker_width_and_blend_set_the_band():
     assert [o.box for o in bold] == [o.box for _, fr in render_video(tiny(), "train", 0) for o in fr]
 
 
-def test_tint_marker_moves_the_whole_object_lighter_or_darker():
-    """`tint` changes every pixel of the object (member 0 lighter, member 1 darker), `band` only a band;
-    without the cue the two styles draw the same object."""
+def test_marker_styles():
+    """`tint` changes every pixel of the object (member 0 lighter, member 1 darker), `band` only a band,
+    `colour` the same band towards cyan / magenta; without the cue every style draws the same object."""
     a, b = class_appearance(0), class_appearance(1)
 
     def draw(look, cue, style):
@@ -207,7 +207,12 @@ def test_tint_marker_moves_the_whole_object_lighter_or_darker():
     assert np.array_equal(light[~mask], plain[~mask])
     band = draw(a, True, "band")[0]
     assert 0 < (np.abs(band - plain).sum(-1) > 0).sum() < 0.5 * mask.sum()
-    with pytest.raises(ValueError, match=r"SynthConfig\.marker_style='dots': must be one of band, tint"):
+    cyan, magenta = draw(a, True, "colour")[0], draw(b, True, "colour")[0]
+    assert np.array_equal(cyan != plain, band != plain)  # the band's pixels, in another colour
+    moved = cyan != plain
+    assert (cyan[..., 1][moved[..., 1]] > plain[..., 1][moved[..., 1]]).all()  # towards cyan: more green
+    assert (magenta[..., 2] >= plain[..., 2]).all() and (magenta[..., 1] <= plain[..., 1]).all()
+    with pytest.raises(ValueError, match=r"SynthConfig\.marker_style='dots': must be one of band, tint, colour"):
         SynthConfig(marker_style="dots")
 
 
