@@ -87,17 +87,19 @@ def check_storage(url: Optional[str]) -> None:
         engine.dispose()
 
 
-def _data_roots(configs: List[TafmConfig]) -> List[Tuple[Path, str, TafmConfig]]:
-    """(root, split, config) once per distinct root, split, strictness and cache of the trials."""
+def _data_roots(configs: List[TafmConfig]) -> List[Tuple[Path, str, TafmConfig, str]]:
+    """(root, split, config, the key that names the root) once per distinct root, split, strictness and
+    cache of the trials."""
     seen, checks = set(), []
     for cfg in configs:
-        if cfg.data.root is None:  # the synthetic benchmark: generated, nothing to check
-            continue
-        for split in (cfg.data.train_split, cfg.data.val_split):
-            key = (cfg.data.root, split, cfg.data.strict, cfg.data.cache_dir)
-            if key not in seen:
-                seen.add(key)
-                checks.append((Path(cfg.data.root), split, cfg))
+        # None: the synthetic benchmark, generated, nothing to check; stage 1 may train on its own root
+        for root in [r for r in dict.fromkeys((cfg.data.root, cfg.sweep.stage1_data_root)) if r is not None]:
+            for split in (cfg.data.train_split, cfg.data.val_split):
+                key = (root, split, cfg.data.strict, cfg.data.cache_dir)
+                if key not in seen:
+                    seen.add(key)
+                    checks.append((Path(root), split, cfg,
+                                   "data.root" if root == cfg.data.root else "sweep.stage1_data_root"))
     return checks
 
 
@@ -106,17 +108,17 @@ def check_data(configs: List[TafmConfig]) -> None:
     files, and at least one frame with an image and a readable annotation in each split."""
     from datamodules.vid import VidDataError, VidLayoutError, read_vid
 
-    for root, split, cfg in _data_roots(configs):
+    for root, split, cfg, key in _data_roots(configs):
         try:
             _, summary = read_vid(root, split, strict=cfg.data.strict, cache_dir=cfg.data.cache_dir, memo=True)
         except VidLayoutError as error:
-            raise UserError(f"data.root: {error}") from None
+            raise UserError(f"{key}: {error}") from None
         except VidDataError as error:
             raise UserError(f"data.strict=true stops at the first bad file: {error}; "
                             f"set data.strict=false to skip and count bad files") from None
         if summary.frames == 0:
             skipped = ", ".join(f"{kind.replace('_', ' ')}: {getattr(summary, kind)}"
                                 for kind in summary.PROBLEMS if getattr(summary, kind))
-            raise UserError(f"data.root: ImageNet VID root {root} has no {split} frame with both an image and a "
+            raise UserError(f"{key}: ImageNet VID root {root} has no {split} frame with both an image and a "
                             f"readable annotation (skipped: {skipped or 'nothing listed'}); "
                             f"see the warnings above, fix the files or pass another --data-root")

@@ -68,6 +68,9 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
         single.data.clip_length = cfg.sweep.stage1_clip_length
     if cfg.sweep.stage1_batch_size is not None:
         single.data.batch_size = cfg.sweep.stage1_batch_size
+    if cfg.sweep.stage1_data_root is not None:
+        single.data.root = cfg.sweep.stage1_data_root
+        single.sweep.stage1_data_root = None  # the same stage 1 as a suite whose data.root is that dataset
     return single
 
 

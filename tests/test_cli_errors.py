@@ -218,6 +218,14 @@ def test_a_bad_data_root_is_one_line_before_any_trial(tmp_path, vid_root, capsys
     assert not runs.exists()  # no study, no trial, no retry
 
 
+def test_a_missing_stage1_data_root_is_one_line_naming_its_key(tmp_path, vid_root, capsys):
+    runs = tmp_path / "runs"
+    code, line = _run(capsys, "smoke", "--data-root", str(vid_root), "--runs-dir", str(runs),
+                      "--set", f"sweep.stage1_data_root={tmp_path / 'no_such_root'}")
+    assert code == 2 and "sweep.stage1_data_root: ImageNet VID root " in line
+    assert "no_such_root does not exist" in line and not runs.exists()
+
+
 def test_data_synth_into_a_foreign_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("my own files")
     assert main(["data", "synth", str(tmp_path)]) == 2

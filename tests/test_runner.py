@@ -104,3 +104,14 @@ def test_speed_settings_and_stage2_warm_start_do_not_split_the_stage_cache():
                         "data.clip_length=10", "sweep.stage1_max_steps=6", "sweep.stage1_clip_length=2",
                         "sweep.single_frame_stage2=True", "train.channels_last=true"])
     assert runner.stage_hash(base) != runner.stage_hash(nhwc)  # NHWC BatchNorm sums differently
+
+
+def test_stage1_data_root_trains_stage1_there_and_stage2_on_data_root():
+    """sweep.stage1_data_root: stage 1 is the very stage 1 of a suite whose data.root is that dataset."""
+    own = load_config(["model.recurrent.type=bottleneck_lstm", "model.recurrent.after=[conv13]", "train.max_steps=4",
+                       "sweep.stage1_max_steps=6", "data.root=/data/default", "sweep.stage1_data_root=/data/cue1"])
+    there = load_config(["model.recurrent.type=bottleneck_lstm", "model.recurrent.after=[conv13]",
+                         "train.max_steps=4", "sweep.stage1_max_steps=6", "data.root=/data/cue1"])
+    assert runner.stage1_config(own).data.root == "/data/cue1" and own.data.root == "/data/default"
+    assert runner.stage_hash(runner.stage1_config(own)) == runner.stage_hash(runner.stage1_config(there))
+    assert runner.stage_hash(own) != runner.stage_hash(there)  # stage 2 trains on its own data.root
