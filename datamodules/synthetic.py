@@ -63,7 +63,7 @@ class SynthConfig:
     cue_prob: float = 0.35            # per object and frame: class marker drawn
     marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, fraction of the object's half-size
     marker_blend: float = MARKER_BLEND       # how far the band moves towards white (light) / black (dark)
-    marker_style: str = "band"        # "band" through the centre, or "tint": the whole object (MARKER_STYLES)
+    marker_style: str = "band"        # "band" (light/dark), "colour" (cyan/magenta band), "tint" (whole object)
     fade_prob: float = 0.15           # per object and frame: object drawn at 35-60% opacity
     flicker_prob: float = 0.15        # per frame: brightness jump and 3x noise
     noise_std: float = 0.05           # per-pixel Gaussian noise std, fraction of 255

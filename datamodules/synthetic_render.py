@@ -234,7 +234,8 @@ def paint_object(img: np.ndarray, owner: np.ndarray, index: int, look: Appearanc
     """Draw one object (marker only if cue_visible) over img in place; mark its pixels in owner.
 
     The marker (`MARKER_STYLES`) moves pixels `marker_blend` of the way towards white (member 0) or
-    black (member 1): a band of half-width `marker_width` (`band`) or the whole object (`tint`).
+    black (member 1), or towards `CUE_COLOURS` (`colour`): a band of half-width `marker_width`
+    (`band`, `colour`; 1 covers the whole object) or the whole object (`tint`).
 
     Returns the in-frame silhouette mask as a full-frame bool array, or None if nothing is inside.
     """
