@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    from datamodules.synthetic import SynthConfig
+    from datamodules.synthetic_render import MARKER_STYLES
+
+    SYNTH_DEFAULTS = SynthConfig()
     synth = data_commands.add_parser("synth", help="write the synthetic benchmark in the ILSVRC2015 VID layout")
     synth.add_argument("out", help="output folder")
     synth.add_argument("--videos", type=int, help="number of training videos")
@@ -267,12 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--frames", type=int, help="frames per video")
     synth.add_argument("--size", type=int, help="image side in pixels")
     synth.add_argument("--seed", type=int, help="random seed (the dataset is deterministic from it)")
-    synth.add_argument("--cue-prob", type=float, help="per object and frame: chance the class marker is drawn (0.35)")
-    synth.add_argument("--marker-width", type=float, help="marker band half-width, fraction of the object's half-size (0.22)")
-    synth.add_argument("--marker-blend", type=float, help="how far the band moves towards white / black, 0..1 (0.75)")
-    synth.add_argument("--marker-style", choices=["band", "tint", "colour"],
-                       help="the marker: band (light/dark band through the centre), tint (the whole object "
-                            "lighter/darker), colour (the band in cyan/magenta) (band)")
+    synth.add_argument("--cue-prob", type=float,
+                       help=f"per object and frame: chance the class marker is drawn ({SYNTH_DEFAULTS.cue_prob})")
+    synth.add_argument("--marker-width", type=float, help="marker band half-width, fraction of the object's "
+                                                          f"half-size; 1 = the whole object ({SYNTH_DEFAULTS.marker_width})")
+    synth.add_argument("--marker-blend", type=float, help="how far the marker moves towards white / black or its "
+                                                          f"cue colour, 0..1 ({SYNTH_DEFAULTS.marker_blend})")
+    synth.add_argument("--marker-style", choices=list(MARKER_STYLES),
+                       help="the marker: colour (towards cyan/magenta), band (a light/dark band through the "
+                            f"centre), tint (the whole object lighter/darker) ({SYNTH_DEFAULTS.marker_style})")
     synth.set_defaults(func=_cmd_data_synth)
     return parser
 

@@ -26,6 +26,9 @@ class SweepConfig:
     stage1_clip_length: Optional[int] = None  # single-frame stage: short clips, more videos per step; None: data.clip_length
     stage1_batch_size: Optional[int] = None  # None: data.batch_size
     stage1_data_root: Optional[str] = None  # stage 1 trains (and is scored) on this dataset; None: data.root
+    # stage 1 trains on its dataset's twin with the marker on this share of frames (data.synthetic_cue_prob),
+    # where that dataset is synthetic; None, or a real dataset: on the dataset itself
+    stage1_cue_prob: Optional[float] = None
     progressive: bool = True  # stacked/multi-LSTM trials finetune from the trial with one layer fewer (paper Sec. 4.2)
     # A `type=none` trial also gets stage 2 (base frozen, no recurrent layer, the recurrent trials' steps
     # and clips), so every row of a table has the same training budget. For short CPU budgets, where

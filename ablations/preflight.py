@@ -106,8 +106,15 @@ def _data_roots(configs: List[TafmConfig]) -> List[Tuple[Path, str, TafmConfig, 
 def check_data(configs: List[TafmConfig]) -> None:
     """Read every trial's data root once (the index is kept for the trials): layout, lists, strict-mode
     files, and at least one frame with an image and a readable annotation in each split."""
+    from datamodules.synthetic import MANIFEST
     from datamodules.vid import VidDataError, VidLayoutError, read_vid
 
+    for cfg in configs:
+        root = cfg.data.root
+        if cfg.data.synthetic_cue_prob is not None and root is not None and not (Path(root) / MANIFEST).is_file():
+            raise UserError(f"data.synthetic_cue_prob={cfg.data.synthetic_cue_prob}: data.root {root} is not a "
+                            f"synthetic dataset (no {MANIFEST}), so it has no twin to generate; valid: unset, or "
+                            "a data.root written by `tafm data synth` (or no data.root: the built-in benchmark)")
     for root, split, cfg, key in _data_roots(configs):
         try:
             _, summary = read_vid(root, split, strict=cfg.data.strict, cache_dir=cfg.data.cache_dir, memo=True)

@@ -71,7 +71,17 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     if cfg.sweep.stage1_data_root is not None:
         single.data.root = cfg.sweep.stage1_data_root
         single.sweep.stage1_data_root = None  # the same stage 1 as a suite whose data.root is that dataset
+    if cfg.sweep.stage1_cue_prob is not None and _synthetic(single.data.root):
+        single.data.synthetic_cue_prob = cfg.sweep.stage1_cue_prob
+    single.sweep.stage1_cue_prob = None  # the same stage 1 as a suite whose data is that twin
     return single
+
+
+def _synthetic(root: Optional[str]) -> bool:
+    """The built-in benchmark (no root) or a folder written by `tafm data synth`."""
+    from datamodules.synthetic import MANIFEST
+
+    return root is None or (Path(root) / MANIFEST).is_file()
 
 
 def single_frame_control(cfg: TafmConfig) -> bool:

@@ -66,6 +66,9 @@ class DataConfig:
     """Data options (the `data` group of the structured config)."""
 
     root: Optional[str] = None  # None = synthetic benchmark (resolved by the caller)
+    # A synthetic dataset's twin with the class marker on this fraction of frames, generated once into the
+    # cache (None: the dataset itself). For the built-in benchmark, or a root written by `tafm data synth`.
+    synthetic_cue_prob: Optional[float] = None
     train_split: str = "train"
     val_split: str = "val"
     clip_length: int = 10  # frames unrolled per training clip; also eval chunk length
@@ -100,6 +103,8 @@ class DataConfig:
                              f"{[p.value for p in EvalProtocol]}, got {self.eval_protocol!r}")
         if not 0.0 <= self.occlusion_p <= 1.0:
             raise ValueError(f"data.occlusion_p must be in [0, 1], got {self.occlusion_p}")
+        if self.synthetic_cue_prob is not None and not 0.0 <= self.synthetic_cue_prob <= 1.0:
+            raise ValueError(f"data.synthetic_cue_prob must be None or in [0, 1], got {self.synthetic_cue_prob}")
         for key in ("max_train_videos", "max_val_videos"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be None or >= 1, got {getattr(self, key)}")

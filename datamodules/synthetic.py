@@ -22,7 +22,8 @@ from filelock import FileLock
 from PIL import Image
 
 from datamodules.synthetic_render import (
-    MARKER_BLEND, MARKER_HALF_WIDTH, MARKER_STYLES, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame, class_appearance, render_frame, sample_scene)
+    MARKER_BLEND, MARKER_HALF_WIDTH, MARKER_STYLE, MARKER_STYLES, MIN_VISIBLE_PX, OCCLUDED_FRACTION, ObjectFrame,
+    class_appearance, marker_names, render_frame, sample_scene)
 from datamodules.vid import VID_CLASSES  # the one class table (id, name, WordNet id)
 
 GENERATOR_VERSION = 2  # bump whenever the output for a given config changes
@@ -35,8 +36,8 @@ _BY_NAME = {name: (cid, wnid) for cid, name, wnid in VID_CLASSES}
 SYNTH_MECHANISM = """\
 **Why temporal context helps on the synthetic benchmark.** Classes come in look-alike pairs
 (default: horse/zebra, car/bus, bear/giant_panda): both members of a pair have the same silhouette
-and colour and differ only by a marker (a light horizontal band vs a dark vertical band) that is
-drawn on each frame independently with probability `cue_prob` (default 0.35). On the other ~65%
+and colour and differ only by a marker (the whole object tinted half-way towards cyan vs magenta)
+that is drawn on each frame independently with probability `cue_prob` (default 0.35). On the other ~65%
 of frames the two classes are pixel-identical, so a single-frame detector can at best split its
 confidence between them, while a recurrent one can carry the class seen a few frames earlier
 (0.65^10 = 1.3% of 10-frame windows never show the marker). Objects also fade to 35-60% opacity on
@@ -61,9 +62,9 @@ class SynthConfig:
     classes: tuple[str, ...] = ("horse", "zebra", "car", "bus", "bear", "giant_panda")
     max_objects: int = 3              # object tracks per video: uniform in 1..max_objects
     cue_prob: float = 0.35            # per object and frame: class marker drawn
-    marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, fraction of the object's half-size
-    marker_blend: float = MARKER_BLEND       # how far the band moves towards white (light) / black (dark)
-    marker_style: str = "band"        # "band" (light/dark), "colour" (cyan/magenta band), "tint" (whole object)
+    marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, fraction of the object's half-size (1: whole)
+    marker_blend: float = MARKER_BLEND       # how far the marker moves towards white / black or its cue colour
+    marker_style: str = MARKER_STYLE  # "colour" (cyan/magenta), "band" (light/dark band), "tint" (whole object)
     fade_prob: float = 0.15           # per object and frame: object drawn at 35-60% opacity
     flicker_prob: float = 0.15        # per frame: brightness jump and 3x noise
     noise_std: float = 0.05           # per-pixel Gaussian noise std, fraction of 255
@@ -268,7 +269,7 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> Path:
             "format": "tafm synthetic ImageNet VID", "version": GENERATOR_VERSION, "config": config_dict(cfg),
             "width": cfg.width, "height": cfg.height, "counts": totals,
             "classes": [{"id": _BY_NAME[n][0], "name": n, "wnid": _BY_NAME[n][1],
-                         "shape": class_appearance(i).shape, "marker": MARKER_STYLES[cfg.marker_style][class_appearance(i).marker]}
+                         "shape": class_appearance(i).shape, "marker": marker_names(cfg.marker_style, cfg.marker_width)[class_appearance(i).marker]}
                         for i, n in enumerate(cfg.classes)],
             "min_visible_px": MIN_VISIBLE_PX, "occluded_fraction": OCCLUDED_FRACTION}
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -282,6 +283,38 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def synthetic_config_of(root: Path | str) -> SynthConfig | None:
+    """The generator config a `tafm data synth` folder was written with; None if root has no manifest."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{Path(root) / MANIFEST}: not valid JSON ({err})") from None
+    try:
+        cfg = SynthConfig(**manifest["config"])
+        if config_dict(cfg) != manifest["config"]:  # a key this version no longer has, or lacks a new one
+            raise ValueError("its keys differ from this version's")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{Path(root) / MANIFEST}: not a generator config this version reads ({err}); "
+                         "write the dataset again with `tafm data synth`") from None
+    return cfg
+
+
+def synthetic_twin(root: Path | str | None, cue_prob: float, cache_dir: Path | None = None) -> Path:
+    """A synthetic dataset (the built-in benchmark if root is None) with the class marker drawn on
+    `cue_prob` of frames instead of its own rate: root itself if that is its rate, else its twin, the
+    same videos generated once into the cache (`data.synthetic_cue_prob`)."""
+    cfg = SynthConfig() if root is None else synthetic_config_of(root)
+    if cfg is None:
+        raise ValueError(f"data.synthetic_cue_prob={cue_prob}: {root} is not a synthetic dataset (no {MANIFEST}), "
+                         "so it has no twin to generate; valid: the built-in benchmark (no data.root) or a folder "
+                         "written by `tafm data synth`")
+    if root is not None and cfg.cue_prob == cue_prob:
+        return Path(root)
+    return ensure_synthetic(dataclasses.replace(cfg, cue_prob=cue_prob), cache_dir, progress=False)
 
 
 def default_cache_dir() -> Path:

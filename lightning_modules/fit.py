@@ -121,14 +121,18 @@ class TrainingDataModule(VidClipDataModule):
 
 
 def resolve_root(data: DataConfig, root: Optional[Path | str] = None) -> Path:
-    """The VID root: `root`, else data.root, else the default synthetic benchmark (generated once)."""
-    if root is not None:
-        return Path(root)
-    if data.root is not None:
-        return Path(data.root)
-    from datamodules.synthetic import ensure_synthetic
+    """The VID root: `root`, else data.root, else the default synthetic benchmark (generated once); with
+    data.synthetic_cue_prob, that synthetic dataset's twin with the marker on that share of frames."""
+    root = root if root is not None else data.root
+    if data.synthetic_cue_prob is None:
+        if root is not None:
+            return Path(root)
+        from datamodules.synthetic import ensure_synthetic
 
-    return ensure_synthetic(progress=False)
+        return ensure_synthetic(progress=False)
+    from datamodules.synthetic import synthetic_twin
+
+    return synthetic_twin(root, data.synthetic_cue_prob)
 
 
 @dataclass

@@ -236,10 +236,23 @@ def test_data_synth_into_a_foreign_folder_is_one_line(tmp_path, capsys):
 def test_data_synth_marker_style_reaches_the_manifest(tmp_path, capsys):
     out = tmp_path / "colour"
     assert main(["data", "synth", str(out), "--videos", "1", "--val-videos", "1", "--frames", "2",
-                 "--size", "32", "--marker-style", "colour"]) == 0
+                 "--size", "32", "--marker-style", "band", "--marker-width", "0.3"]) == 0
     manifest = json.loads((out / "tafm_synth.json").read_text())
-    assert manifest["config"]["marker_style"] == "colour"
-    assert [c["marker"] for c in manifest["classes"][:2]] == ["cyan horizontal band", "magenta vertical band"]
+    assert (manifest["config"]["marker_style"], manifest["config"]["marker_width"]) == ("band", 0.3)
+    assert [c["marker"] for c in manifest["classes"][:2]] == ["light horizontal band", "dark vertical band"]
+    default = tmp_path / "default"
+    assert main(["data", "synth", str(default), "--videos", "1", "--val-videos", "1", "--frames", "2",
+                 "--size", "32"]) == 0
+    manifest = json.loads((default / "tafm_synth.json").read_text())
+    assert [c["marker"] for c in manifest["classes"][:2]] == ["cyan tint", "magenta tint"]  # the whole object
+
+
+def test_a_synthetic_twin_of_a_real_dataset_is_one_line_naming_its_key(tmp_path, vid_root, capsys):
+    runs = tmp_path / "runs"
+    code, line = _run(capsys, "smoke", "--data-root", str(vid_root), "--runs-dir", str(runs),
+                      "--set", "data.synthetic_cue_prob=1.0")
+    assert code == 2 and f"data.synthetic_cue_prob=1.0: data.root {vid_root} is not a synthetic dataset" in line
+    assert "tafm data synth" in line and not runs.exists()
 
 
 # ---- inside a trial: user errors stop the suite at once, unexpected ones are retried ----

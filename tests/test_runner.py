@@ -106,6 +106,25 @@ def test_speed_settings_and_stage2_warm_start_do_not_split_the_stage_cache():
     assert runner.stage_hash(base) != runner.stage_hash(nhwc)  # NHWC BatchNorm sums differently
 
 
+def test_stage1_cue_prob_trains_stage1_on_the_synthetic_twin(tmp_path):
+    """sweep.stage1_cue_prob: stage 1 is the very stage 1 of a suite run on the twin (data.synthetic_cue_prob);
+    stage 2 stays on the benchmark; a real dataset (no generator manifest) trains stage 1 on itself."""
+    keys = ["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
+            "sweep.stage1_max_steps=6"]
+    own = load_config(keys + ["sweep.stage1_cue_prob=1.0"])
+    twin = load_config(keys + ["data.synthetic_cue_prob=1.0"])
+    plain = load_config(keys)
+    stage1 = runner.stage1_config(own)
+    assert stage1.data.synthetic_cue_prob == 1.0 and stage1.sweep.stage1_cue_prob is None
+    assert own.data.synthetic_cue_prob is None  # stage 2 and the rows: the benchmark itself
+    assert runner.stage_hash(stage1) == runner.stage_hash(runner.stage1_config(twin))
+    assert runner.stage_hash(stage1) != runner.stage_hash(runner.stage1_config(plain))
+    real = load_config(keys + ["sweep.stage1_cue_prob=1.0", f"data.root={tmp_path}"])
+    assert runner.stage1_config(real).data.synthetic_cue_prob is None
+    (tmp_path / "tafm_synth.json").write_text("{}")  # written by `tafm data synth`: it has a twin
+    assert runner.stage1_config(real).data.synthetic_cue_prob == 1.0
+
+
 def test_stage1_data_root_trains_stage1_there_and_stage2_on_data_root():
     """sweep.stage1_data_root: stage 1 is the very stage 1 of a suite whose data.root is that dataset."""
     own = load_config(["model.recurrent.type=bottleneck_lstm", "model.recurrent.after=[conv13]", "train.max_steps=4",

@@ -1,6 +1,7 @@
 """Tests for the synthetic VID-format benchmark (datamodules/synthetic.py, synthetic_render.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -194,10 +195,10 @@ def test_marker_styles():
     `colour` the same band towards cyan / magenta; without the cue every style draws the same object."""
     a, b = class_appearance(0), class_appearance(1)
 
-    def draw(look, cue, style):
+    def draw(look, cue, style, width=0.22):
         img, owner = np.full((40, 40, 3), 90.0, np.float32), np.full((40, 40), -1, np.int32)
         mask = paint_object(img, owner, 0, look, look.colour, 20.0, 20.0, 15.0, 15.0, cue, 1.0,
-                            marker_blend=0.5, marker_style=style)
+                            marker_width=width, marker_blend=0.5, marker_style=style)
         return img, mask
 
     plain, mask = draw(a, False, "tint")
@@ -212,6 +213,8 @@ def test_marker_styles():
     moved = cyan != plain
     assert (cyan[..., 1][moved[..., 1]] > plain[..., 1][moved[..., 1]]).all()  # towards cyan: more green
     assert (magenta[..., 2] >= plain[..., 2]).all() and (magenta[..., 1] <= plain[..., 1]).all()
+    whole = draw(a, True, "colour", width=1.0)[0]  # the benchmark's default: every pixel of the object
+    assert (whole[mask] != plain[mask]).any(-1).all() and np.array_equal(whole[~mask], plain[~mask])
     with pytest.raises(ValueError, match=r"SynthConfig\.marker_style='dots': must be one of band, tint, colour"):
         SynthConfig(marker_style="dots")
 
@@ -274,6 +277,39 @@ def test_ensure_synthetic_caches_and_ignores_tmp(tmp_path, monkeypatch):
     assert default_cache_dir() == tmp_path and ensure_synthetic(cfg, progress=False) == out
 
 
+def test_synthetic_twin_is_the_same_videos_with_the_marker_on_every_frame(tmp_path, dataset, monkeypatch):
+    root, cfg = dataset
+    twin = synth.synthetic_twin(root, 1.0, tmp_path)
+    assert twin.parent == tmp_path and twin != root
+    twin_cfg = synth.synthetic_config_of(twin)
+    assert twin_cfg == dataclasses.replace(cfg, cue_prob=1.0)
+    first = sorted((twin / "Data/VID/train").rglob("*.JPEG"))
+    assert [p.relative_to(twin) for p in first] == [p.relative_to(root) for p in
+                                                   sorted((root / "Data/VID/train").rglob("*.JPEG"))]
+    assert synth.synthetic_twin(root, cfg.cue_prob, tmp_path) == root  # already that rate: itself
+    monkeypatch.setattr(synth, "_write_all", lambda *a: pytest.fail("regenerated a cached twin"))
+    assert synth.synthetic_twin(root, 1.0, tmp_path) == twin
+    from datamodules.data_config import DataConfig
+    from lightning_modules.fit import resolve_root
+
+    monkeypatch.setenv("TAFM_CACHE", str(tmp_path))  # where a training run finds it (data.synthetic_cue_prob)
+    assert resolve_root(DataConfig(root=str(root), synthetic_cue_prob=1.0)) == twin
+    assert resolve_root(DataConfig(root=str(root))) == root
+    with pytest.raises(ValueError, match=r"data\.synthetic_cue_prob=1\.0: .* is not a synthetic dataset"):
+        synth.synthetic_twin(tmp_path / "real", 1.0, tmp_path)
+
+
+def test_a_manifest_from_another_version_has_no_twin(tmp_path, dataset):
+    root, _ = dataset
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((root / MANIFEST).read_text())
+    del manifest["config"]["marker_style"]  # written before the key existed: its default has since changed
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"not a generator config this version reads .*tafm data synth"):
+        synth.synthetic_config_of(old)
+
+
 def test_ensure_synthetic_concurrent_calls_generate_once(tmp_path, monkeypatch):
     cfg, calls, real = tiny(videos=1, val_videos=1, frames=3), [], synth._write_all
     monkeypatch.setattr(synth, "_write_all", lambda *a: calls.append(1) or real(*a))
@@ -305,3 +341,5 @@ def test_mechanism_text_matches_defaults():
     assert f"`cue_prob` (default {cfg.cue_prob})" in SYNTH_MECHANISM
     pairs = [f"{a}/{b}" for a, b in zip(cfg.classes[::2], cfg.classes[1::2])]
     assert all(p in SYNTH_MECHANISM for p in pairs)
+    marker = synth.marker_names(cfg.marker_style, cfg.marker_width)
+    assert all(name.split()[0] in SYNTH_MECHANISM for name in marker)  # the default marker's colours
