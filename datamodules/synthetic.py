@@ -265,11 +265,12 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         totals = _write_all(tmp, cfg, progress)
+        markers = marker_names(cfg.marker_style, cfg.marker_width)
         manifest = {
             "format": "tafm synthetic ImageNet VID", "version": GENERATOR_VERSION, "config": config_dict(cfg),
             "width": cfg.width, "height": cfg.height, "counts": totals,
             "classes": [{"id": _BY_NAME[n][0], "name": n, "wnid": _BY_NAME[n][1],
-                         "shape": class_appearance(i).shape, "marker": marker_names(cfg.marker_style, cfg.marker_width)[class_appearance(i).marker]}
+                         "shape": class_appearance(i).shape, "marker": markers[class_appearance(i).marker]}
                         for i, n in enumerate(cfg.classes)],
             "min_visible_px": MIN_VISIBLE_PX, "occluded_fraction": OCCLUDED_FRACTION}
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -214,6 +214,21 @@ def _width_note(records: List[TrialRecord]) -> List[str]:
             "tables (`tafm cost --table`)."]
 
 
+def _stage1_note(records: List[TrialRecord]) -> List[str]:
+    """A line when stage 1 trained on other data than the rows (sweep.stage1_cue_prob, sweep.stage1_data_root)."""
+    cues = sorted({float(r.config["sweep.stage1_cue_prob"]) for r in records
+                   if r.config.get("sweep.stage1_cue_prob") is not None})
+    roots = sorted({str(r.config["sweep.stage1_data_root"]) for r in records
+                    if r.config.get("sweep.stage1_data_root") is not None})
+    if not cues and not roots:
+        return []
+    where = " and ".join([f"{', '.join(roots)} (`sweep.stage1_data_root`)"] * bool(roots) + [
+        f"the twin of its synthetic dataset with the class marker on {', '.join(f'{c:.0%}' for c in cues)} of frames "
+        f"(`sweep.stage1_cue_prob` {', '.join(f'{c:g}' for c in cues)}: the same videos, generated once)"] * bool(cues))
+    return [f"- Stage 1: the single-frame SSD trained on {where}; stage 2 and every row train and are scored on "
+            "the dataset above. A real (non-synthetic) dataset trains stage 1 on itself."]
+
+
 def read_sessions(suite_dir: Path) -> List[dict]:
     """The `tafm run` invocations of a suite (runs/<suite>/sessions.jsonl), oldest first; [] if none."""
     path = Path(suite_dir) / "sessions.jsonl"
@@ -245,6 +260,7 @@ def _provenance(records: List[TrialRecord], sessions: Optional[List[dict]] = Non
             f"- Seeds: {seeds}; trials: {len(records)}; commit: {commits}; machine: {machines}.",
             f"- Wall time: {wall_time_text(sessions or [])}, from each `tafm run` start until its trials were recorded "
             "(extras and report not included).",
+            *_stage1_note(records),
             *_width_note(records),
             f"- Generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the suite's records."]
 

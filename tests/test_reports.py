@@ -197,4 +197,14 @@ def test_wall_time_seeds_and_commit_reach_the_report_and_the_index(tmp_path):
 def test_a_suite_without_sessions_says_its_wall_time_was_not_recorded(tmp_path):
     runs = _write(tmp_path, "table3_recurrent", [_row("none", 0.5, 0.30, after=())])
     text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
-    assert "Wall time: not recorded" in text and "width_scale" not in text
+    assert "Wall time: not recorded" in text and "width_scale" not in text and "Stage 1:" not in text
+
+
+def test_a_stage1_on_the_cue_every_frame_twin_is_named_in_the_provenance(tmp_path):
+    runs = _write(tmp_path, "table3_recurrent", [_row("none", 0.5, 0.30, after=()), _row("gru", 0.5, 0.40)])
+    frame = pd.read_csv(runs / "table3_recurrent" / "results.csv")
+    frame["config.sweep.stage1_cue_prob"] = 1.0
+    frame.to_csv(runs / "table3_recurrent" / "results.csv", index=False)
+    text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("- Stage 1:"))
+    assert "class marker on 100% of frames (`sweep.stage1_cue_prob` 1:" in line and "stage 2 and every row" in line
