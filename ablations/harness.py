@@ -223,12 +223,30 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def suite_progress(study: optuna.Study, total: int, durations: List[float]) -> str:
+@dataclass
+class SuitePace:
+    """When this worker started and how many of the suite's trials were done then: the ETA is the
+    suite's own rate since (every worker's trials), so parallel workers and shared stages count."""
+
+    start: float = field(default_factory=time.time)
+    done_at_start: Optional[int] = None
+
+
+def eta_seconds(elapsed: float, done: int, done_at_start: int, total: int) -> Optional[float]:
+    """Seconds left at the rate trials finished since this worker started; None before the first finishes."""
+    finished = done - done_at_start
+    return elapsed / finished * (total - done) if finished > 0 and done < total else None
+
+
+def suite_progress(study: optuna.Study, total: int, pace: SuitePace) -> str:
     done = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                if "key" in t.user_attrs)
+    if pace.done_at_start is None:
+        pace.done_at_start = done
     line = f"{done}/{total} trials done"
-    if durations and done < total:
-        line += f", ETA {_format_eta(sum(durations) / len(durations) * (total - done))}"
+    eta = eta_seconds(time.time() - pace.start, done, pace.done_at_start, total)
+    if eta is not None:
+        line += f", ETA {_format_eta(eta)}"
     return line
 
 
@@ -379,7 +397,7 @@ def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config:
     study = open_study(suite, options)
     points = (SearchPoints if suite.search else GridPoints)(suite, options, study, log)
     results = suite_dir(suite, options) / "results.csv"
-    durations: List[float] = []
+    pace = SuitePace()
     finished = 0
     while options.max_trials is None or finished < options.max_trials:
         with study_lock(suite, options, study):
@@ -388,7 +406,7 @@ def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config:
             break
         claimed = points.prepare(trial)
         cfg = _trial_config(study, trial, make_config, claimed.delta)
-        _run_and_record(study, trial, claimed.ctx, cfg, trial_fn, durations, points.total, results, log)
+        _run_and_record(study, trial, claimed.ctx, cfg, trial_fn, pace, points.total, results, log)
         finished += 1
     return write_records(study, results)
 
@@ -407,13 +425,13 @@ def _trial_config(study: optuna.Study, trial: optuna.trial.Trial, make_config: C
 
 
 def _run_and_record(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn,
-                    durations: List[float], total: int, results: Path, log: Callable[[str], None]) -> None:
+                    pace: SuitePace, total: int, results: Path, log: Callable[[str], None]) -> None:
     """Run one claimed trial, then rewrite the records and report suite progress."""
     log(f"[{ctx.suite.name}] trial {ctx.key} {ctx.labels} seed {ctx.seed}: starting "
-        f"({suite_progress(study, total, durations)})")
-    durations.append(_run_one(study, trial, ctx, cfg, trial_fn))
+        f"({suite_progress(study, total, pace)})")
+    _run_one(study, trial, ctx, cfg, trial_fn)
     write_records(study, results)
-    log(f"[{ctx.suite.name}] {suite_progress(study, total, durations)}")
+    log(f"[{ctx.suite.name}] {suite_progress(study, total, pace)}")
 
 
 def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ablations.config import ConfigError
-from ablations.harness import RunOptions, open_study
+from ablations.harness import RunOptions, eta_seconds, open_study
 from ablations.suite import load_suite
 
 WORKER = Path(__file__).parent / "helpers" / "harness_worker.py"
@@ -145,3 +145,12 @@ def test_bad_suite_files_name_the_problem(tmp_path, text, expected):
 def test_unknown_suite_lists_valid_ones():
     with pytest.raises(ConfigError, match="unknown suite 'nope'; valid:"):
         load_suite("nope")
+
+
+def test_the_suite_eta_is_the_rate_since_this_worker_started():
+    """Every worker's finished trials count (parallel workers, trials sharing a stage 1); trials finished
+    by an earlier run do not, and there is no ETA before the first trial of this run finishes."""
+    assert eta_seconds(elapsed=600.0, done=4, done_at_start=0, total=10) == 900.0
+    assert eta_seconds(elapsed=600.0, done=7, done_at_start=5, total=10) == 900.0  # 5 were done by a killed run
+    assert eta_seconds(elapsed=600.0, done=5, done_at_start=5, total=10) is None
+    assert eta_seconds(elapsed=600.0, done=10, done_at_start=0, total=10) is None
