@@ -250,7 +250,7 @@ def suite_progress(study: optuna.Study, total: int, pace: SuitePace) -> str:
     return line
 
 
-def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn) -> float:
+def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn) -> None:
     """Run one trial and tell the study; an unexpected error is recorded (and retried later), a
     UserError is recorded and raised: the suite stops at once."""
     start = time.time()
@@ -260,7 +260,7 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
     except optuna.TrialPruned as pruned:
         trial.set_user_attr("record", _record(ctx, cfg, {"pruned": str(pruned)}, time.time() - start))
         study.tell(trial, state=TrialState.PRUNED)
-        return time.time() - start
+        return
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
@@ -271,11 +271,9 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
     except Exception as error:  # a failed trial must not stop the suite; it is retried up to MAX_RETRIES times
         _fail(study, trial, error, user_error=False)
         print(f"[{ctx.suite.name}] trial {ctx.key} failed: {type(error).__name__}: {error_line(error)}", flush=True)
-        return time.time() - start
-    elapsed = time.time() - start
-    trial.set_user_attr("record", _record(ctx, cfg, result, elapsed))
+        return
+    trial.set_user_attr("record", _record(ctx, cfg, result, time.time() - start))
     study.tell(trial, value)
-    return elapsed
 
 
 def _suite_metric(ctx: TrialContext, result: Dict[str, Any]) -> float:

@@ -106,12 +106,12 @@ def _data_roots(configs: List[TafmConfig]) -> List[Tuple[Path, str, TafmConfig, 
 def check_data(configs: List[TafmConfig]) -> None:
     """Read every trial's data root once (the index is kept for the trials): layout, lists, strict-mode
     files, and at least one frame with an image and a readable annotation in each split."""
-    from datamodules.synthetic import MANIFEST
+    from datamodules.synthetic import MANIFEST, is_synthetic
     from datamodules.vid import VidDataError, VidLayoutError, read_vid
 
     for cfg in configs:
         root = cfg.data.root
-        if cfg.data.synthetic_cue_prob is not None and root is not None and not (Path(root) / MANIFEST).is_file():
+        if cfg.data.synthetic_cue_prob is not None and not is_synthetic(root):
             raise UserError(f"data.synthetic_cue_prob={cfg.data.synthetic_cue_prob}: data.root {root} is not a "
                             f"synthetic dataset (no {MANIFEST}), so it has no twin to generate; valid: unset, or "
                             "a data.root written by `tafm data synth` (or no data.root: the built-in benchmark)")

@@ -22,6 +22,7 @@ from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
 from ablations.records import matches_artifact, occluded_name
 from ablations.tracking import PROJECT, Tracking, TrialRun, recorded_run_id, stage_run
+from datamodules.synthetic import is_synthetic
 from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import RecurrentType
 from lightning_modules.deploy.cost import count_cost
@@ -71,17 +72,10 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     if cfg.sweep.stage1_data_root is not None:
         single.data.root = cfg.sweep.stage1_data_root
         single.sweep.stage1_data_root = None  # the same stage 1 as a suite whose data.root is that dataset
-    if cfg.sweep.stage1_cue_prob is not None and _synthetic(single.data.root):
+    if cfg.sweep.stage1_cue_prob is not None and is_synthetic(single.data.root):
         single.data.synthetic_cue_prob = cfg.sweep.stage1_cue_prob
     single.sweep.stage1_cue_prob = None  # the same stage 1 as a suite whose data is that twin
     return single
-
-
-def _synthetic(root: Optional[str]) -> bool:
-    """The built-in benchmark (no root) or a folder written by `tafm data synth`."""
-    from datamodules.synthetic import MANIFEST
-
-    return root is None or (Path(root) / MANIFEST).is_file()
 
 
 def single_frame_control(cfg: TafmConfig) -> bool:

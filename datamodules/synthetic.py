@@ -286,6 +286,11 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> Path:
     return out
 
 
+def is_synthetic(root: Path | str | None) -> bool:
+    """The built-in benchmark (no root) or a folder written by `tafm data synth` (it has a manifest)."""
+    return root is None or (Path(root) / MANIFEST).is_file()
+
+
 def synthetic_config_of(root: Path | str) -> SynthConfig | None:
     """The generator config a `tafm data synth` folder was written with; None if root has no manifest."""
     try:
