@@ -15,7 +15,7 @@ A suite file:
     search:                       # instead of (or besides) grid: TPE over a space
       trials: 12
       space: {model.alpha_lstm: {low: 0.05, high: 0.5, log: true}, model.recurrent.after: {choices: [...]}}
-      max_macs: 1.2e9             # constraint: configurations above the budget are not trained
+      max_macs: 1.2e9             # constraint: configurations above it (counted at the vid profile's scale) are not trained
     evaluate: {occlusion_p: [0.25, 0.5, 0.75]}  # extra evaluations of each trained model
     extras: {cost_tables: true, table7: onnx}    # also regenerate Tables 3-5 costs and Table 7 latency
     profiles:                     # scale switch: synthetic (default) or vid (the paper's settings); wins over grid

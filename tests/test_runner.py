@@ -11,7 +11,7 @@ import lightning_modules.fit as fit_module
 from ablations.config import load_config
 from ablations.harness import RunOptions, TrialContext
 from ablations.runner import trained_stage
-from ablations.suite import load_suite
+from ablations.suite import load_suite, trial_config
 
 
 @pytest.fixture
@@ -80,6 +80,21 @@ def test_search_suites_prune_their_trials(monkeypatch, tmp_path, suite, pruned):
         runner.run_trial(_cfg("bottleneck_lstm", "false"), ctx, "disabled", log=lambda s: None)
     assert [(type(c).__name__, c.trial, c.monitor) for c in seen] == (
         [("OptunaPruning", trial, "val/vid_map50")] if pruned else [])
+
+
+@pytest.mark.parametrize("alpha_lstm, over", [(0.5, True), (0.03, False)])
+def test_search_mac_budget_is_counted_at_the_papers_scale(alpha_lstm, over):
+    """search_alpha_lstm's 1.15B budget is the paper's (alpha 1 @320): at the synthetic profile's width_scale
+    0.5 @192 every point fits it, so the budget must be counted on the paper-scale network."""
+    suite = load_suite("search_alpha_lstm")
+    cfg = trial_config([], suite.delta("synthetic", {"model.alpha_lstm": alpha_lstm,
+                                                     "model.recurrent.after": ["conv13"]}))
+    assert (cfg.model.width_scale, cfg.model.input_size) == (0.5, 192)
+    reason = runner.over_mac_budget(cfg, suite)
+    assert (reason is not None) == over
+    if over:
+        assert "over the budget 1.150B" in reason and "width_scale 1, input 320" in reason
+    assert runner.over_mac_budget(cfg, load_suite("table3_recurrent")) is None  # no search, no budget
 
 
 def test_lstm_widths_share_one_stage1(fits, tmp_path):
