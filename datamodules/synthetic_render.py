@@ -30,10 +30,6 @@ WHOLE_OBJECT_MARKERS: dict[str, tuple[str, str]] = {
     "colour": ("cyan tint", "magenta tint"),
 }
 
-
-def marker_names(style: str, width: float) -> tuple[str, str]:
-    """What marks member 0 and member 1 of a pair, in words, for a marker style and half-width."""
-    return (WHOLE_OBJECT_MARKERS if width >= 1.0 else MARKER_STYLES)[style]
 CUE_COLOURS = ((0.0, 220.0, 220.0), (220.0, 0.0, 220.0))  # `colour` style: member 0, member 1
 # The benchmark's marker: the whole object (half-width 1) half-way towards cyan or magenta. Of the
 # markers probed (README "Why the marker is not learnt") it is the one a CPU-scale stage 1 learns.
@@ -47,10 +43,15 @@ HEIGHT_RANGE = (0.2, 0.5)     # object height at frame 0, fraction of the frame 
 BG_PAD = 16                   # background is this much larger on each side, to allow panning
 
 
+def marker_names(style: str, width: float) -> tuple[str, str]:
+    """What marks member 0 and member 1 of a pair, in words, for a marker style and half-width."""
+    return (WHOLE_OBJECT_MARKERS if width >= 1.0 else MARKER_STYLES)[style]
+
+
 @dataclass(frozen=True)
 class Appearance:
     """How one class looks: pair members (positions 2p, 2p+1 in the class tuple) share shape and
-    colour and differ only by `marker` (0 light horizontal band, 1 dark vertical band)."""
+    colour and differ only by `marker` (member 0 or 1 of `MARKER_STYLES`)."""
     shape: str
     colour: tuple[int, int, int]
     marker: int
@@ -114,7 +115,7 @@ class Scene:
     gain: np.ndarray         # float [frames]: global brightness (flicker)
     noise: np.ndarray        # float [frames]: per-pixel Gaussian noise std, in 0..255 units
     marker_width: float = MARKER_HALF_WIDTH  # marker band half-width, in units of the object's half-size
-    marker_blend: float = MARKER_BLEND       # how far the band moves towards white / black
+    marker_blend: float = MARKER_BLEND       # how far the marker moves towards its target (MARKER_BLEND)
     marker_style: str = MARKER_STYLE         # a key of MARKER_STYLES
 
 
