@@ -35,6 +35,9 @@ class SweepConfig:
     # stage 1 is far from converged and the extra stage-2 steps alone lift mAP; the paper's baseline
     # is the converged stage 1 (False).
     single_frame_stage2: bool = False
+    # a stage other workers wait for trains on one more thread per waiting worker (ablations/cores.py):
+    # a suite's first stage 1 uses the whole laptop; false on a machine shared with other jobs
+    lend_idle_cores: bool = True
     latency: bool = False  # also export and time the trained model (paper Table 7)
     latency_frames: int = 200
 

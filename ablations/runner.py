@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from filelock import FileLock
-
 from ablations.config import TafmConfig, UserError, to_flat_dict
+from ablations.cores import LendIdleCores, stage_lock
 from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
@@ -41,7 +40,7 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
                  "data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
                  "data.max_val_videos", "data.minival_seed", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
                  "train.csv_logger", "train.log_every_n_steps", "train.eval_clean_and_occluded",
-                 "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames")
+                 "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames", "sweep.lend_idle_cores")
 
 
 def stage_hash(cfg: TafmConfig) -> str:
@@ -143,7 +142,8 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
         return Path(json.loads(done.read_text())["checkpoint"])
     parent = _parent(cfg)
     init = trained_stage(parent, runs_dir, log, tracking=tracking) if parent is not None else None
-    with FileLock(directory.with_suffix(".lock")):
+    lock = directory.with_suffix(".lock")
+    with stage_lock(lock, mark_waiting=cfg.sweep.lend_idle_cores):
         if done.is_file():  # another worker trained it while we waited
             return Path(json.loads(done.read_text())["checkpoint"])
         stage = copy.deepcopy(cfg)
@@ -156,8 +156,9 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
         links = {"stage_hash": directory.name, "parent_run_id": recorded_run_id(stage_directory(parent, runs_dir))
                  if parent is not None else None}
         with stage_run(tracking, directory, job, f"{job}-{directory.name}", {**to_flat_dict(stage), **links}) as loggers:
+            lend = [LendIdleCores(lock, log=log)] if cfg.sweep.lend_idle_cores else []
             result = fit(stage.model, stage.data, stage.train, resume=resume,
-                         callbacks=[TrainProgress(log=log), *callbacks], loggers=loggers)
+                         callbacks=[TrainProgress(log=log), *lend, *callbacks], loggers=loggers)
         (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))

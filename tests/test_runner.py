@@ -61,7 +61,16 @@ def test_without_the_control_the_single_frame_row_is_stage1(fits, tmp_path):
 
 def test_extra_callbacks_join_only_the_trials_own_stage(fits, tmp_path):
     trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None, callbacks=[object()])
-    assert [c.callbacks for c in fits] == [["TrainProgress"], ["TrainProgress", "object"]]  # stage 1 is shared
+    assert [c.callbacks for c in fits] == [["TrainProgress", "LendIdleCores"],  # stage 1 is shared
+                                           ["TrainProgress", "LendIdleCores", "object"]]
+
+
+def test_workers_waiting_for_a_stage_lend_it_their_cores_unless_told_not_to(fits, tmp_path):
+    cfg = _cfg("none", "false")
+    cfg.sweep.lend_idle_cores = False
+    trained_stage(cfg, tmp_path, log=lambda s: None)
+    assert [c.callbacks for c in fits] == [["TrainProgress"]]
+    assert runner.stage_hash(cfg) == runner.stage_hash(_cfg("none", "false"))  # same maths, same stage
 
 
 @pytest.mark.parametrize("suite, pruned", [("search_alpha_lstm", True), ("smoke", False)])

@@ -1,0 +1,109 @@
+"""Idle cores lent to the stage other workers wait for (`sweep.lend_idle_cores`).
+
+With `tafm run --workers N` every trial that needs a stage another worker is training (every trial of a
+suite needs its stage 1) waits on that stage's lock, and each worker trains on one thread
+(`train.threads`): on a 2-core laptop a suite's first stage 1 runs on one core while the other sits
+idle. A waiting worker leaves a marker (its pid) beside the lock; the worker training the stage counts
+the live markers every few steps and trains on one more thread per waiting worker, never more than
+the machine's cores, and back to its own count when they are gone. Threads change float rounding
+only, so the stage cache ignores them (`ablations.runner._NOT_TRAINING`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from filelock import FileLock, Timeout
+from pytorch_lightning import Callback
+
+#: Steps between two counts of the waiting workers.
+CHECK_EVERY = 20
+
+
+def waiting_dir(lock_path: Path) -> Path:
+    return Path(lock_path).with_suffix(".waiting")
+
+
+@contextlib.contextmanager
+def waiting_for(lock_path: Path) -> Iterator[None]:
+    """Mark this process as waiting on `lock_path` (a file named by its pid) for the block's length."""
+    marker = waiting_dir(lock_path) / str(os.getpid())
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def waiting_workers(lock_path: Path) -> int:
+    """Live processes waiting on `lock_path`; markers of dead ones (a killed worker) are removed."""
+    directory = waiting_dir(lock_path)
+    if not directory.is_dir():
+        return 0
+    count = 0
+    for marker in directory.iterdir():
+        if marker.name.isdigit() and _alive(int(marker.name)):
+            count += 1
+        else:
+            marker.unlink(missing_ok=True)
+    return count
+
+
+@contextlib.contextmanager
+def stage_lock(lock_path: Path, mark_waiting: bool = True) -> Iterator[None]:
+    """Hold `lock_path`; while another process holds it, wait marked (`waiting_for`) when `mark_waiting`."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        with waiting_for(lock_path) if mark_waiting else contextlib.nullcontext():
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class LendIdleCores(Callback):
+    """Train on one more thread per worker waiting on `lock_path` (at most `cores`), counted every
+    `every` steps; the stage's own thread count is restored when training ends."""
+
+    def __init__(self, lock_path: Path, cores: Optional[int] = None, every: int = CHECK_EVERY,
+                 log: Any = None) -> None:
+        self.lock_path = Path(lock_path)
+        self.cores = cores or os.cpu_count() or 1
+        self.every = every
+        self.log = log
+        self.own: Optional[int] = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.own = torch.get_num_threads()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.own is None or trainer.global_step % self.every:
+            return
+        want = min(self.cores, self.own + waiting_workers(self.lock_path))
+        if want != torch.get_num_threads():
+            if self.log:
+                lent = want - self.own
+                self.log(f"    step {trainer.global_step}: " + (f"{want} threads, {lent} lent by the workers waiting "
+                         f"for this stage" if lent else f"back to {want} thread{'s' if want > 1 else ''}"))
+            torch.set_num_threads(want)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.own is not None:
+            torch.set_num_threads(self.own)

@@ -1,0 +1,90 @@
+"""ablations.cores: a worker waiting for a stage lends its core to the worker training it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from filelock import FileLock
+
+from ablations.cores import LendIdleCores, stage_lock, waiting_dir, waiting_for, waiting_workers
+
+
+def test_waiting_workers_counts_live_markers_and_drops_dead_ones(tmp_path):
+    lock = tmp_path / "stage.lock"
+    assert waiting_workers(lock) == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    waiting_dir(lock).mkdir()
+    (waiting_dir(lock) / str(dead.pid)).touch()  # a killed worker's marker
+    with waiting_for(lock):
+        assert waiting_workers(lock) == 1
+    assert waiting_workers(lock) == 0
+    assert list(waiting_dir(lock).iterdir()) == []
+
+
+def test_a_worker_blocked_on_the_stage_lock_is_counted_until_it_gets_the_lock(tmp_path):
+    lock = tmp_path / "stage.lock"
+    holder = FileLock(str(lock))  # the worker training the stage (flock: another lock object blocks on it)
+    holder.acquire()
+    got = threading.Event()
+
+    def wait():
+        with stage_lock(lock):
+            got.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    try:
+        waiter.start()
+        deadline = time.time() + 30
+        while waiting_workers(lock) == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert waiting_workers(lock) == 1 and not got.is_set()
+    finally:
+        holder.release()
+    waiter.join(30)
+    assert got.is_set() and waiting_workers(lock) == 0
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_training_stage_takes_one_thread_per_waiting_worker_and_gives_them_back(tmp_path, threads):
+    lock = tmp_path / "stage.lock"
+    said = []
+    lend = LendIdleCores(lock, cores=2, every=5, log=said.append)
+    trainer = SimpleNamespace(global_step=0)
+    lend.on_train_start(trainer, None)
+    lend.on_train_batch_start(trainer, None, None, 0)
+    assert torch.get_num_threads() == 1  # nobody waits
+    with waiting_for(lock):
+        trainer.global_step = 3
+        lend.on_train_batch_start(trainer, None, None, 3)
+        assert torch.get_num_threads() == 1  # counted every 5 steps only
+        trainer.global_step = 5
+        lend.on_train_batch_start(trainer, None, None, 5)
+        assert torch.get_num_threads() == 2
+        (waiting_dir(lock) / str(os.getppid())).touch()  # a second live waiter: still at most 2 cores
+        trainer.global_step = 10
+        lend.on_train_batch_start(trainer, None, None, 10)
+        assert torch.get_num_threads() == 2
+        (waiting_dir(lock) / str(os.getppid())).unlink()
+    trainer.global_step = 15
+    lend.on_train_batch_start(trainer, None, None, 15)
+    assert torch.get_num_threads() == 1
+    assert said == ["    step 5: 2 threads, 1 lent by the workers waiting for this stage", "    step 15: back to 1 thread"]
+    with waiting_for(lock):
+        trainer.global_step = 20
+        lend.on_train_batch_start(trainer, None, None, 20)
+        lend.on_train_end(trainer, None)
+    assert torch.get_num_threads() == 1
