@@ -35,6 +35,9 @@ class SweepConfig:
     # stage 1 is far from converged and the extra stage-2 steps alone lift mAP; the paper's baseline
     # is the converged stage 1 (False).
     single_frame_stage2: bool = False
+    # the control's stage 2 lasts this many recurrent stages (train.max_steps each): a suite whose rows stack
+    # k layers progressively (k stages of train.max_steps) gives it k, so the control has their budget
+    control_stages: int = 1
     # a stage other workers wait for trains on one more thread per waiting worker (ablations/cores.py):
     # a suite's first stage 1 uses the whole laptop; false on a machine shared with other jobs
     lend_idle_cores: bool = True

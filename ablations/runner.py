@@ -40,7 +40,8 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
                  "data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
                  "data.max_val_videos", "data.minival_seed", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
                  "train.csv_logger", "train.log_every_n_steps", "train.eval_clean_and_occluded",
-                 "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames", "sweep.lend_idle_cores")
+                 "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames", "sweep.lend_idle_cores",
+                 "sweep.control_stages")  # in the control's own train.max_steps (_control_config)
 
 
 def stage_hash(cfg: TafmConfig) -> str:
@@ -87,6 +88,8 @@ def single_frame_control(cfg: TafmConfig) -> bool:
 def _control_config(cfg: TafmConfig) -> TafmConfig:
     control = copy.deepcopy(cfg)
     control.model.recurrent.after = []
+    control.train.max_steps = cfg.train.max_steps * cfg.sweep.control_stages
+    control.sweep.control_stages = 1  # counted in train.max_steps: one control stage for each length
     return control
 
 

@@ -194,12 +194,39 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
                   "single-frame model cannot pass it; a temporal one can, up to 100."]
     if baseline is not None:
         lines += ["", f"Single-frame SSD baseline (ours): {baseline:.1f} mAP"
-                  + (f", finetuned after stage 1 with the base {'frozen' if frozen else 'trained too'} for the same "
-                     "steps and clips as the recurrent rows (`sweep.single_frame_stage2`), so every row has the same "
-                     "training budget." if control
-                     else ": the stage-1 model.")]
+                  + (_control_note(records, frozen) if control else ": the stage-1 model.")]
     lines += tests.footer()
     return lines
+
+
+def stage2_steps(record: TrialRecord) -> Optional[int]:
+    """Stage-2 steps behind a row's model: train.max_steps per stacked layer of a progressive row (each
+    layer is a stage of its own), train.max_steps x sweep.control_stages for the single-frame control,
+    None for a stage-1 model."""
+    steps = int(_cfg(record, "train.max_steps") or 0)
+    if str(_cfg(record, "model.recurrent.type")) == "none":
+        if str(_cfg(record, "sweep.single_frame_stage2")).lower() != "true":
+            return None
+        return steps * int(_cfg(record, "sweep.control_stages") or 1)
+    after = _cfg(record, "model.recurrent.after") or []
+    layers = len(after) if str(_cfg(record, "sweep.progressive")).lower() == "true" and len(after) > 1 else 1
+    return steps * layers
+
+
+def _control_note(records: List[TrialRecord], frozen: bool) -> str:
+    """How the single-frame control was finetuned, and whether every row had its stage-2 budget."""
+    control = {stage2_steps(r) for r in records if str(_cfg(r, "model.recurrent.type")) == "none"} - {None}
+    others = {stage2_steps(r) for r in records if str(_cfg(r, "model.recurrent.type")) != "none"} - {None}
+    steps = "/".join(f"{n:,}" for n in sorted(control))
+    text = (f", finetuned after stage 1 with the base {'frozen' if frozen else 'trained too'} for {steps} steps "
+            f"(`sweep.single_frame_stage2`")
+    stages = {int(_cfg(r, "sweep.control_stages") or 1) for r in records} - {1}
+    text += f", `sweep.control_stages` {'/'.join(map(str, sorted(stages)))}: the progressive rows' stages)" if stages else ")"
+    if others <= control:
+        return text + " on the same clips as the recurrent rows' stage 2, so every row has the same training budget."
+    return (text + "; the recurrent rows trained " + "/".join(f"{n:,}" for n in sorted(others)) + " stage-2 steps "
+            "(progressive rows: train.max_steps per stacked layer), so a row with more steps than the control had a "
+            "larger training budget than it.")
 
 
 def _width_note(records: List[TrialRecord]) -> List[str]:

@@ -15,6 +15,7 @@ def _row(kind, alpha, map50, seed=0, after=("conv13",), arch="lstm_ssd", alpha_l
            "value": map50, "wall_time_s": 1.0, "git_commit": "abc123", "machine": "test",
            "config.model.arch": arch, "config.model.alpha": alpha, "config.model.recurrent.type": kind,
            "config.model.recurrent.after": json.dumps(list(after)), "config.model.alpha_lstm": alpha_lstm,
+           "config.train.max_steps": 300, "config.sweep.progressive": True,
            "metric.val/vid_map50": map50, "metric.val/coco_ap50": map50 + 0.01, "metric.params": 3_011_000,
            "metric.macs": 1_123_000_000, "metric.params_recurrent": 604_928, "metric.macs_recurrent": 60_364_800}
     row.update({f"metric.{k}": v for k, v in metrics.items()})
@@ -94,12 +95,27 @@ def test_the_baseline_line_says_how_the_single_frame_row_was_trained(tmp_path, c
     assert ("base frozen" in line) == control  # the default stage 2 freezes the base
 
 
+@pytest.mark.parametrize("control_stages, fair", [(1, False), (5, True)])
+def test_the_baseline_line_says_whether_the_control_had_the_progressive_rows_budget(tmp_path, control_stages, fair):
+    """Table 5's LSTM-SSD stacks 5 layers progressively (5 stages of 300 steps): a control finetuned for one
+    stage's 300 steps had a fifth of its budget, and the report must say so."""
+    single = _row("none", 0.5, 0.300, after=(), arch="mobilenet_ssd")
+    single["config.sweep.single_frame_stage2"], single["config.sweep.control_stages"] = True, control_stages
+    final = _row("bottleneck_lstm", 0.5, 0.450, after=("conv13", "fm1", "fm2", "fm3", "fm4"))
+    runs = _write(tmp_path, "table5_comparison", [single, final])
+    text = write_report("table5_comparison", "table5", "Table 5", runs, tmp_path / "reports").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("Single-frame SSD baseline"))
+    assert f"for {300 * control_stages:,} steps" in line
+    assert ("same training budget" in line) == fair
+    assert ("the recurrent rows trained 1,500 stage-2 steps" in line) == (not fair)
+
+
 def test_the_baseline_line_says_whether_the_base_was_trained_in_stage2(tmp_path):
     single = _row("none", 0.5, 0.300, after=())
     single["config.sweep.single_frame_stage2"], single["config.train.freeze"] = True, "none"
     runs = _write(tmp_path, "table3_recurrent", [single, _row("gru", 0.5, 0.400)])
     text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
-    assert "with the base trained too for the same steps" in text
+    assert "with the base trained too for 300 steps" in text
 
 
 def test_synthetic_rows_sit_beside_the_single_frame_cap(tmp_path):

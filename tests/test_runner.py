@@ -49,6 +49,19 @@ def test_single_frame_control_is_finetuned_like_a_stage2_from_the_shared_stage1(
     assert control != lstm and len(fits) == 3  # stage 1 trained once
 
 
+def test_control_stages_give_the_control_the_progressive_rows_steps(fits, tmp_path):
+    """Table 5's LSTM-SSD trains 5 progressive stages of train.max_steps; with sweep.control_stages=5 its
+    control finetunes for as many steps, and the recurrent rows' stages are the ones they always were."""
+    control = _cfg("none", "true")
+    control.sweep.control_stages = 5
+    trained_stage(control, tmp_path, log=lambda s: None)
+    assert [(c.type, c.steps) for c in fits] == [("none", 6), ("none", 20)]  # stage 1, then 5 x 4 steps
+    recurrent = _cfg("bottleneck_lstm", "true")
+    assert runner.stage_hash(recurrent) == runner.stage_hash(runner.own_stage(recurrent))
+    recurrent.sweep.control_stages = 5
+    assert runner.stage_hash(recurrent) == runner.stage_hash(_cfg("bottleneck_lstm", "true"))
+
+
 def test_without_the_control_the_single_frame_row_is_stage1(fits, tmp_path):
     single = trained_stage(_cfg("none", "false"), tmp_path, log=lambda s: None)
     trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None)
