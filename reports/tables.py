@@ -195,6 +195,8 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
     if baseline is not None:
         lines += ["", f"Single-frame SSD baseline (ours): {baseline:.1f} mAP"
                   + (_control_note(records, frozen) if control else ": the stage-1 model.")]
+    else:
+        lines += _budget_note(records)
     lines += tests.footer()
     return lines
 
@@ -227,6 +229,16 @@ def _control_note(records: List[TrialRecord], frozen: bool) -> str:
     return (text + "; the recurrent rows trained " + "/".join(f"{n:,}" for n in sorted(others)) + " stage-2 steps "
             "(progressive rows: train.max_steps per stacked layer), so a row with more steps than the control had a "
             "larger training budget than it.")
+
+
+def _budget_note(records: List[TrialRecord]) -> List[str]:
+    """A line when the rows (no single-frame control among them) trained different stage-2 steps."""
+    steps = sorted({stage2_steps(r) for r in records} - {None})
+    if len(steps) < 2:
+        return []
+    return ["", "Stage-2 budgets differ: the rows trained " + " / ".join(f"{n:,}" for n in steps) + " stage-2 steps "
+            "(a row stacked progressively trains train.max_steps per layer), so a deeper row's difference from "
+            "its baseline mixes its extra layers with its extra steps."]
 
 
 def _width_note(records: List[TrialRecord]) -> List[str]:

@@ -110,6 +110,17 @@ def test_the_baseline_line_says_whether_the_control_had_the_progressive_rows_bud
     assert ("the recurrent rows trained 1,500 stage-2 steps" in line) == (not fair)
 
 
+def test_rows_stacked_progressively_are_said_to_have_a_larger_budget(tmp_path):
+    rows = [_row("bottleneck_lstm", 1.0, 0.50, after=("conv13",)),
+            _row("bottleneck_lstm", 1.0, 0.55, after=("conv13", "fm1", "fm2"))]
+    text = write_report("table4_multi_lstm", "table4", "Table 4", _write(tmp_path, "table4_multi_lstm", rows),
+                        tmp_path / "reports").read_text()
+    assert "the rows trained 300 / 900 stage-2 steps" in text
+    same = _write(tmp_path / "same", "table4_multi_lstm", rows[:1])
+    assert "Stage-2 budgets differ" not in write_report("table4_multi_lstm", "table4", "Table 4", same,
+                                                         tmp_path / "same" / "reports").read_text()
+
+
 def test_the_baseline_line_says_whether_the_base_was_trained_in_stage2(tmp_path):
     single = _row("none", 0.5, 0.300, after=())
     single["config.sweep.single_frame_stage2"], single["config.train.freeze"] = True, "none"
