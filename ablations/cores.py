@@ -87,7 +87,7 @@ class LendIdleCores(Callback):
         self.lock_path = Path(lock_path)
         self.cores = cores or os.cpu_count() or 1
         self.every = every
-        self.log = log
+        self.say = log  # not `self.log`: under a Trainer that call reached LightningModule.log (tests/test_cores.py)
         self.own: Optional[int] = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -98,9 +98,9 @@ class LendIdleCores(Callback):
             return
         want = min(self.cores, self.own + waiting_workers(self.lock_path))
         if want != torch.get_num_threads():
-            if self.log:
+            if self.say:
                 lent = want - self.own
-                self.log(f"    step {trainer.global_step}: " + (f"{want} threads, {lent} lent by the workers waiting "
+                self.say(f"    step {trainer.global_step}: " + (f"{want} threads, {lent} lent by the workers waiting "
                          f"for this stage" if lent else f"back to {want} thread{'s' if want > 1 else ''}"))
             torch.set_num_threads(want)
 

@@ -88,3 +88,18 @@ def test_the_training_stage_takes_one_thread_per_waiting_worker_and_gives_them_b
         lend.on_train_batch_start(trainer, None, None, 20)
         lend.on_train_end(trainer, None)
     assert torch.get_num_threads() == 1
+
+
+def test_a_real_stage_trains_on_the_lent_core_and_says_so(tmp_path, threads):
+    """Through Lightning's Trainer, not a stand-in: its callbacks' `log` is not ours to use."""
+    from ablations.config import load_config
+    from lightning_modules.fit import fit
+
+    cfg = load_config(["train.max_steps=2", "model.alpha=0.25", "model.input_size=128", "data.batch_size=2",
+                       "data.clip_length=2", "train.val_every_n_epochs=1000", "data.max_val_videos=1",
+                       "model.recurrent.type=none", "model.recurrent.after=[]", f"train.out_dir={tmp_path / 'stage'}"])
+    lock, said = tmp_path / "stage.lock", []
+    with waiting_for(lock):
+        fit(cfg.model, cfg.data, cfg.train, callbacks=[LendIdleCores(lock, cores=2, log=said.append)])
+    assert said == ["    step 0: 2 threads, 1 lent by the workers waiting for this stage"]
+    assert torch.get_num_threads() == 1
