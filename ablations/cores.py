@@ -19,6 +19,8 @@ import torch
 from filelock import FileLock, Timeout
 from pytorch_lightning import Callback
 
+from ablations.harness import pid_alive
+
 #: Steps between two counts of the waiting workers.
 CHECK_EVERY = 20
 
@@ -39,16 +41,6 @@ def waiting_for(lock_path: Path) -> Iterator[None]:
         marker.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def waiting_workers(lock_path: Path) -> int:
     """Live processes waiting on `lock_path`; markers of dead ones (a killed worker) are removed."""
     directory = waiting_dir(lock_path)
@@ -56,7 +48,7 @@ def waiting_workers(lock_path: Path) -> int:
         return 0
     count = 0
     for marker in directory.iterdir():
-        if marker.name.isdigit() and _alive(int(marker.name)):
+        if marker.name.isdigit() and pid_alive(int(marker.name)):
             count += 1
         else:
             marker.unlink(missing_ok=True)

@@ -157,7 +157,8 @@ def grid_keys(suite: Suite, options: RunOptions) -> Dict[str, tuple]:
     return {f"{p.point_id}-s{s}": (p, s) for p in suite.points for s in range(seeds)}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -173,7 +174,7 @@ def recover_dead_trials(study: optuna.Study) -> int:
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") == host and not _pid_alive(int(attrs.get("pid", -1))):
+        if attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1))):
             study._storage.set_trial_user_attr(trial._trial_id, "error", "worker died (killed or crashed)")  # type: ignore[attr-defined]
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # type: ignore[attr-defined]
             recovered += 1
