@@ -109,6 +109,9 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
     quiet = not request.verbose
     log(f"[{suite.name}] {suite.description}; profile {options.profile}; W&B {mode}; records in {folder}"
         + (f"; library messages in {folder / LIBRARY_LOG} (--verbose shows them)" if quiet and not worker_only else ""))
+    if suite.search and options.seeds > 1 and not worker_only:
+        log(f"[{suite.name}] a search trains each point TPE samples once, at seed 0: --seeds {options.seeds} "
+            "repeats the points of grid suites only")
     helpers = start_workers(request) if request.workers > 1 and not worker_only else []
     with library_log(folder / LIBRARY_LOG) if quiet else contextlib.nullcontext():
         return _run_and_report(request, suite, options, mode, helpers, worker_only, log)

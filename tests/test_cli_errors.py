@@ -325,3 +325,17 @@ def test_a_user_error_does_not_use_up_the_retries(tmp_path, suite_file, capsys, 
     calls = _trial_calls(monkeypatch, metrics={"val/vid_map50": 0.5})  # the user fixed the data
     assert main(["run", str(suite_file), *runs]) == 0
     assert calls == ["none", "bottleneck_lstm"]
+
+
+def test_seeds_of_a_search_suite_are_named_as_unused(tmp_path, capsys, monkeypatch):
+    """A TPE search trains each sampled point once (seed 0): --seeds says so instead of silently doing nothing."""
+    suite_file = tmp_path / "tiny_search.yaml"
+    suite_file.write_text(SUITE.split("grid:")[0] + "search:\n  trials: 1\n  space:\n"
+                          "    model.alpha_lstm: {low: 0.1, high: 0.5}\n")
+    _trial_calls(monkeypatch, metrics={"val/vid_map50": 0.5})
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--wandb", "disabled", "--report-dir", str(tmp_path / "reports")]
+    assert main(["run", str(suite_file), "--seeds", "3", *runs]) == 0
+    out = capsys.readouterr().out
+    assert "a search trains each point TPE samples once, at seed 0: --seeds 3 repeats the points of grid" in out
+    assert main(["run", str(suite_file), *runs]) == 0
+    assert "--seeds" not in capsys.readouterr().out
