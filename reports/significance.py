@@ -84,34 +84,54 @@ def _resampled_map(m: VideoMatches, counts: np.ndarray) -> np.ndarray:
     in k steps whose interpolated precision all equal the precision after the run, so weighting the
     cumulative sums is exact; classes without gt in a sample leave that sample's mean, as in
     `VidEvaluator.compute`.
+
+    Only true positives raise recall, and the precision after a false positive is at most that of the
+    true positive before it, so AP needs the curve at the K true positives only (K is at most the gt
+    count; the detections D are many more): the weighted tp and fp counts there are `counts @ T` and
+    `counts @ F`, with T and F the per-video tp and fp counts up to each true positive ([V, K]).
     """
     resamples = counts.shape[0]
+    weights = counts.astype(np.float64)
     ap_sum = np.zeros(resamples)
     n_classes = np.zeros(resamples)
     for c in range(1, m.npos.shape[1]):
-        npos = counts @ m.npos[:, c].astype(np.int64)  # [R]
+        npos = weights @ m.npos[:, c].astype(np.float64)  # [R]
         has_gt = npos > 0
         if not has_gt.any():
             continue
         sel = np.nonzero(m.label == c)[0]
         order = sel[np.argsort(-m.score[sel], kind="stable")]
-        tp = m.tp[order].astype(np.float64)
-        vid = m.video[order]
+        is_tp = m.tp[order] > 0
         ap = np.zeros(resamples)
-        if order.size:
-            step = max(1, _CELLS_PER_CHUNK // order.size)
+        if is_tp.any():
+            tp_video, tp_cum, fp_cum = _counts_at_true_positives(m.video[order], is_tp, len(m.videos))
+            step = max(1, _CELLS_PER_CHUNK // tp_video.size)
             for lo in range(0, resamples, step):
-                w = counts[lo:lo + step][:, vid].astype(np.float64)  # [r, D]
-                ctp = np.cumsum(w * tp, axis=1)
-                cfp = np.cumsum(w * (1.0 - tp), axis=1)
-                recall = ctp / np.maximum(npos[lo:lo + step, None], 1)
+                w = weights[lo:lo + step]
+                ctp, cfp = w @ tp_cum, w @ fp_cum  # [r, K]
                 precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
                 best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-                d_recall = np.diff(recall, axis=1, prepend=0.0)
-                ap[lo:lo + step] = np.sum(d_recall * best_after, axis=1)
+                ap[lo:lo + step] = np.sum(w[:, tp_video] * best_after, axis=1) / np.maximum(npos[lo:lo + step], 1)
         ap_sum += np.where(has_gt, ap, 0.0)
         n_classes += has_gt
     return np.where(n_classes > 0, ap_sum / np.maximum(n_classes, 1), 0.0)
+
+
+def _counts_at_true_positives(video: np.ndarray, is_tp: np.ndarray, videos: int
+                              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the detections of one class in score order: each true positive's video [K], and per video the
+    true positives up to and including each one and the false positives before it ([V, K] each)."""
+    tp_index = np.nonzero(is_tp)[0]
+    tp_video = video[tp_index]
+    k = np.arange(tp_index.size)
+    tp_cum = np.zeros((videos, tp_index.size))
+    tp_cum[tp_video, k] = 1.0
+    fp_gap = np.zeros((videos, tp_index.size))  # false positives between true positive k - 1 and k
+    fp_index = np.nonzero(~is_tp)[0]
+    gap = np.searchsorted(tp_index, fp_index)  # the first true positive after each false positive
+    before_last = gap < tp_index.size  # those after the last true positive change no precision that counts
+    np.add.at(fp_gap, (video[fp_index[before_last]], gap[before_last]), 1.0)
+    return tp_video, np.cumsum(tp_cum, axis=1), np.cumsum(fp_gap, axis=1)
 
 
 @dataclass(frozen=True)

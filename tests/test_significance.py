@@ -61,6 +61,43 @@ def test_a_video_drawn_twice_counts_as_two_copies_of_it():
     assert matches.map50(counts)[0] == pytest.approx(ev.compute()["vid_map50"], abs=1e-12)
 
 
+def _expanded_map(m: VideoMatches, counts: np.ndarray) -> float:
+    """The devkit's VOCap on an explicit resample: each detection repeated as often as its video was drawn."""
+    aps = []
+    for c in range(1, m.npos.shape[1]):
+        npos = int(counts @ m.npos[:, c])
+        if npos == 0:
+            continue
+        sel = np.nonzero(m.label == c)[0]
+        sel = np.repeat(sel, counts[m.video[sel]])  # copies stay next to each other
+        order = sel[np.argsort(-m.score[sel], kind="stable")]
+        tp = np.cumsum(m.tp[order])
+        fp = np.cumsum(1 - m.tp[order])
+        rec = np.concatenate([[0.0], tp / npos, [1.0]])
+        prec = np.concatenate([[0.0], tp / np.maximum(tp + fp, 1e-300), [0.0]])
+        prec = np.maximum.accumulate(prec[::-1])[::-1]
+        changed = np.nonzero(rec[1:] != rec[:-1])[0]
+        aps.append(np.sum((rec[changed + 1] - rec[changed]) * prec[changed + 1]))
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def test_resampled_maps_equal_the_devkit_on_the_expanded_resamples():
+    """Random detections with tied scores, videos drawn 0, 1 or several times: every resample's mAP is
+    the devkit's on the video set that resample stands for."""
+    rng = np.random.default_rng(5)
+    videos, detections = 6, 400
+    npos = rng.integers(0, 6, size=(videos, CLASSES + 1))
+    npos[:, 0] = 0
+    matches = VideoMatches(video=rng.integers(0, videos, detections), label=rng.integers(1, CLASSES + 1, detections),
+                           score=rng.integers(0, 40, detections) / 40.0, tp=(rng.uniform(size=detections) < 0.3)
+                           .astype(np.int8), videos=np.array([f"v{v}" for v in range(videos)]), npos=npos)
+    counts = rng.multinomial(videos, np.full(videos, 1.0 / videos), size=50)
+    counts[0] = 0
+    counts[0, 2] = 6  # one video six times
+    got = matches.map50(counts)
+    assert got == pytest.approx([_expanded_map(matches, row) for row in counts], abs=1e-12)
+
+
 def test_identical_models_give_an_interval_around_zero():
     matches = VideoMatches.from_arrays(_evaluate(_scene(), hit_rate=0.6).per_video())
     diff = paired_bootstrap([(matches, matches)], resamples=1000, seed=0)
