@@ -38,11 +38,24 @@ class SweepConfig:
     # the control's stage 2 lasts this many recurrent stages (train.max_steps each): a suite whose rows stack
     # k layers progressively (k stages of train.max_steps) gives it k, so the control has their budget
     control_stages: int = 1
+    # a recurrent row trains this many more stages of train.max_steps, each from the last one's checkpoint with
+    # a fresh schedule, as a progressive row does for each layer it adds but adding none: one layer with
+    # extra_stages k - 1 has the stage-2 steps of k stacked layers, the same-steps baseline of Table 4's rows
+    extra_stages: int = 0
     # a stage other workers wait for trains on one more thread per waiting worker (ablations/cores.py):
     # a suite's first stage 1 uses the whole laptop; false on a machine shared with other jobs
     lend_idle_cores: bool = True
     latency: bool = False  # also export and time the trained model (paper Table 7)
     latency_frames: int = 200
+
+    def validate(self, recurrent_type: str) -> None:
+        if self.control_stages < 1:
+            raise ValueError(f"sweep.control_stages must be >= 1 (stages of train.max_steps), got {self.control_stages}")
+        if self.extra_stages < 0:
+            raise ValueError(f"sweep.extra_stages must be >= 0 (stages after the row's own), got {self.extra_stages}")
+        if self.extra_stages and recurrent_type == "none":
+            raise ValueError("sweep.extra_stages continues a recurrent row's stage 2; a single-frame row has none "
+                             "(its finetuning length is sweep.control_stages)")
 
 
 class UserError(ValueError):
@@ -124,6 +137,7 @@ def load_config(overrides: Iterable[str] = (), delta: Optional[dict] = None, del
         validate_model(obj.model)
         obj.data.validate()
         obj.train.validate()
+        obj.sweep.validate(obj.model.recurrent.type.value)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return obj

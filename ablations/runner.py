@@ -44,8 +44,13 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
                  "sweep.control_stages")  # in the control's own train.max_steps (_control_config)
 
 
+# keys added after stages were cached: hashed only when not at their default, so those stages keep their hash
+_HASHED_WHEN_SET = {"sweep.extra_stages": 0}
+
+
 def stage_hash(cfg: TafmConfig) -> str:
-    flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in _NOT_TRAINING}
+    flat = {k: v for k, v in to_flat_dict(cfg).items()
+            if k not in _NOT_TRAINING and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -58,6 +63,7 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single.model.recurrent.after = []
     single.model.alpha_lstm = None  # no recurrent layer: Figure 4's widths share one stage 1
     single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
+    single.sweep.extra_stages = 0  # stage 2's continuation
     # stage 2's own settings (its warm start, what it freezes, which weights it starts from) do nothing in
     # stage 1: one stage 1 whatever their values
     defaults = TrainConfig()
@@ -95,11 +101,16 @@ def _control_config(cfg: TafmConfig) -> TafmConfig:
 
 def _parent(cfg: TafmConfig) -> Optional[TafmConfig]:
     """The stage this one starts from: stage 1, or with progressive training the same model with its
-    last recurrent layer removed (paper Sec. 4.2); None for stage 1 itself."""
+    last recurrent layer removed (paper Sec. 4.2), or with sweep.extra_stages the same model one stage
+    earlier; None for stage 1 itself."""
     if single_frame_control(cfg):
         return stage1_config(cfg)
     if cfg.model.recurrent.type == RecurrentType.none:
         return None
+    if cfg.sweep.extra_stages > 0:  # the same model one stage earlier
+        parent = copy.deepcopy(cfg)
+        parent.sweep.extra_stages -= 1
+        return parent
     after = list(cfg.model.recurrent.after)
     if cfg.sweep.progressive and len(after) > 1:
         parent = copy.deepcopy(cfg)
@@ -172,7 +183,9 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
 def _describe(cfg: TafmConfig) -> str:
     if cfg.model.recurrent.type == RecurrentType.none:
         return "single-frame SSD finetuned with the base frozen, no recurrent layer"
-    return f"{cfg.model.recurrent.type.value} after {'+'.join(cfg.model.recurrent.after)}"
+    extra = cfg.sweep.extra_stages
+    return (f"{cfg.model.recurrent.type.value} after {'+'.join(cfg.model.recurrent.after)}"
+            + (f", {extra} stage{'s' if extra > 1 else ''} more" if extra else ""))
 
 
 def evaluate_variants(cfg: TafmConfig, checkpoint: Path, variants: Dict[str, list],

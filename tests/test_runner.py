@@ -62,6 +62,35 @@ def test_control_stages_give_the_control_the_progressive_rows_steps(fits, tmp_pa
     assert runner.stage_hash(recurrent) == runner.stage_hash(_cfg("bottleneck_lstm", "true"))
 
 
+def test_extra_stages_continue_the_same_model_from_the_one_layer_rows_stage(fits, tmp_path):
+    """A one-layer row with sweep.extra_stages=2 is the one-layer row's stage, then two more stages of
+    train.max_steps each from the last: the stage-2 steps of three stacked layers, on cached parents."""
+    one = trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None)
+    longer = _cfg("bottleneck_lstm", "false")
+    longer.sweep.extra_stages = 2
+    last = trained_stage(longer, tmp_path, log=lambda s: None)
+    stage1, first, second, third = fits
+    assert [(c.type, c.after, c.steps) for c in (first, second, third)] == [("bottleneck_lstm", ["conv13"], 4)] * 3
+    assert stage1.init is None and first.init is not None  # the shared stage 1, then the one-layer row's stage
+    assert second.init == str(one)  # each extra stage starts from the last one's checkpoint
+    assert third.init not in (None, first.init, second.init, str(last))
+    assert runner.stage_hash(_cfg("bottleneck_lstm", "false")) == runner.stage_hash(runner._parent(runner._parent(longer)))
+    assert trained_stage(longer, tmp_path, log=lambda s: None) == last and len(fits) == 4  # cached
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.extra_stages=-1", "sweep.extra_stages must be >= 0"),
+    ("sweep.control_stages=0", "sweep.control_stages must be >= 1"),
+])
+def test_bad_stage_counts_are_config_errors(override, message):
+    from ablations.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config([override])
+    with pytest.raises(ConfigError, match="a single-frame row has none"):
+        load_config(["sweep.extra_stages=1", "model.recurrent.type=none", "model.recurrent.after=[]"])
+
+
 def test_without_the_control_the_single_frame_row_is_stage1(fits, tmp_path):
     single = trained_stage(_cfg("none", "false"), tmp_path, log=lambda s: None)
     trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None)
