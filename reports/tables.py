@@ -93,21 +93,35 @@ def _groups(records: List[TrialRecord]) -> List[Tuple[Dict[str, object], List[Tr
     return list(groups.values())
 
 
+def _extra_label(record: TrialRecord) -> str:
+    """', k stages more (n steps)' for a row trained sweep.extra_stages more stages (Table 4's same-steps rows)."""
+    extra = int(_cfg(record, "sweep.extra_stages") or 0)
+    return f", {extra} stage{'s' if extra > 1 else ''} more ({stage2_steps(record):,} steps)" if extra else ""
+
+
 def _labels(groups: List[Tuple[Dict[str, object], List[TrialRecord]]]) -> List[str]:
     """Each row's model; where two rows build the same model, their axis values too."""
-    labels = [_label(key) for key, _ in groups]
+    labels = [_label(key) + _extra_label(rows[0]) for key, rows in groups]
     for i, (_, rows) in enumerate(groups):
         if labels.count(labels[i]) > 1 and rows[0].axes:
             labels[i] += " (" + ", ".join(f"{k}={v}" for k, v in rows[0].axes.items()) + ")"
     return labels
 
 
-def _baseline(groups: List[Tuple[Dict[str, object], List[TrialRecord]]], key: Dict[str, object]) -> int:
+def _baseline(groups: List[Tuple[Dict[str, object], List[TrialRecord]]], key: Dict[str, object],
+              rows: List[TrialRecord]) -> int:
     """The row a row is compared with: the single-frame SSD (no recurrent layer) at the same alpha, else
-    (suites without one: Table 4, Figure 4, searches) the suite's first row at that alpha."""
+    (suites without one: Table 4, Figure 4, searches) the first one-layer row at that alpha with the row's
+    stage-2 steps (a one-layer row given sweep.extra_stages: Table 4's same-steps baseline) where that is
+    not the row itself, else the suite's first row at that alpha (so a one-layer row with extra stages
+    shows what its extra steps alone buy)."""
     same = [i for i, (k, _) in enumerate(groups) if k["alpha"] == key["alpha"]]
     single = [i for i in same if groups[i][0]["type"] == "none"]
-    return (single or same)[0]
+    if single:
+        return single[0]
+    steps = {stage2_steps(r) for r in rows}
+    budget = [i for i in same if len(groups[i][0]["after"]) == 1 and {stage2_steps(r) for r in groups[i][1]} == steps]
+    return budget[0] if budget and groups[budget[0]][1] is not rows else same[0]
 
 
 class _Significance:
@@ -131,7 +145,9 @@ class _Significance:
         if not self.computed:
             return []
         return ["", "vs baseline: the row's VID mAP@0.5 minus its baseline's (the single-frame SSD at the same "
-                "alpha, or where the suite has none the first row at that alpha), in points, with its 95% interval. " + significance.METHOD.format(resamples=significance.RESAMPLES, seed=significance.SEED)]
+                "alpha; where the suite has none, the first one-layer row at that alpha with the row's stage-2 steps, "
+                "else the first row at that alpha), in points, with its 95% interval. "
+                + significance.METHOD.format(resamples=significance.RESAMPLES, seed=significance.SEED)]
 
 
 def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path] = None) -> List[str]:
@@ -160,7 +176,7 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
     tests = _Significance(base_dir)
     baseline, control, frozen = None, False, True
     for label, (key, rows) in zip(_labels(groups), groups):
-        base_rows = groups[_baseline(groups, key)][1]
+        base_rows = groups[_baseline(groups, key, rows)][1]
         ours, text = _cell([r.metric(MAP) for r in rows])
         theirs = spec.paper_map(key, None)
         cells = [label, str(len(rows)), text, _paper(theirs), _delta(ours, theirs)]
@@ -203,8 +219,8 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
 
 def stage2_steps(record: TrialRecord) -> Optional[int]:
     """Stage-2 steps behind a row's model: train.max_steps per stacked layer of a progressive row (each
-    layer is a stage of its own), train.max_steps x sweep.control_stages for the single-frame control,
-    None for a stage-1 model."""
+    layer is a stage of its own) and per sweep.extra_stages, train.max_steps x sweep.control_stages for
+    the single-frame control, None for a stage-1 model."""
     steps = int(_cfg(record, "train.max_steps") or 0)
     if str(_cfg(record, "model.recurrent.type")) == "none":
         if str(_cfg(record, "sweep.single_frame_stage2")).lower() != "true":
@@ -212,7 +228,7 @@ def stage2_steps(record: TrialRecord) -> Optional[int]:
         return steps * int(_cfg(record, "sweep.control_stages") or 1)
     after = _cfg(record, "model.recurrent.after") or []
     layers = len(after) if str(_cfg(record, "sweep.progressive")).lower() == "true" and len(after) > 1 else 1
-    return steps * layers
+    return steps * (layers + int(_cfg(record, "sweep.extra_stages") or 0))
 
 
 def _control_note(records: List[TrialRecord], frozen: bool) -> str:
@@ -232,13 +248,24 @@ def _control_note(records: List[TrialRecord], frozen: bool) -> str:
 
 
 def _budget_note(records: List[TrialRecord]) -> List[str]:
-    """A line when the rows (no single-frame control among them) trained different stage-2 steps."""
+    """A line when the rows (no single-frame control among them) trained different stage-2 steps: whether
+    each was compared with a one-layer row of its own steps, or with a row of fewer."""
     steps = sorted({stage2_steps(r) for r in records} - {None})
     if len(steps) < 2:
         return []
-    return ["", "Stage-2 budgets differ: the rows trained " + " / ".join(f"{n:,}" for n in steps) + " stage-2 steps "
-            "(a row stacked progressively trains train.max_steps per layer), so a deeper row's difference from "
-            "its baseline mixes its extra layers with its extra steps."]
+    text = ("Stage-2 budgets differ: the rows trained " + " / ".join(f"{n:,}" for n in steps) + " stage-2 steps "
+            "(a row stacked progressively trains train.max_steps per layer, a row with sweep.extra_stages that "
+            "many stages more)")
+    groups = _groups(records)
+    unmatched = sorted({stage2_steps(rows[0]) for key, rows in groups if len(key["after"]) > 1
+                        and stage2_steps(groups[_baseline(groups, key, rows)][1][0]) != stage2_steps(rows[0])} - {None})
+    if not unmatched:
+        return ["", text + ", and each row of several layers is compared with a one-layer row of the same steps, so "
+                "its difference is its layers', not its training's (a one-layer row with extra stages is compared "
+                "with the first row: what the extra steps alone buy)."]
+    return ["", text + "; the rows of " + " / ".join(f"{n:,}" for n in unmatched) + " steps have no one-layer row "
+            "of their steps to compare with (`sweep.extra_stages` gives one), so their difference from the baseline "
+            "mixes their extra layers with their extra steps."]
 
 
 def _width_note(records: List[TrialRecord]) -> List[str]:

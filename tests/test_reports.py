@@ -235,3 +235,27 @@ def test_a_stage1_on_the_cue_every_frame_twin_is_named_in_the_provenance(tmp_pat
     text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
     line = next(line for line in text.splitlines() if line.startswith("- Stage 1:"))
     assert "class marker on 100% of frames (`sweep.stage1_cue_prob` 1:" in line and "stage 2 and every row" in line
+
+
+def test_stacked_rows_are_compared_with_a_one_layer_row_of_their_steps(tmp_path):
+    """Table 4 with same-steps baselines: the 3-layer row (900 stage-2 steps) is compared with the one-layer
+    row given sweep.extra_stages=2 (900), not with the 300-step one; the budget line says so."""
+    suite = tmp_path / "runs" / "table4_multi_lstm"
+
+    def row(key, map50, hits, after=("conv13",), extra=0):
+        record = _row("bottleneck_lstm", 1.0, map50, after=after)
+        record["key"], record["config.sweep.extra_stages"] = key, extra
+        return _with_matches(record, suite, hits, key)
+
+    one, longer, deep = row("one", 0.5, 1), row("longer", 1.0, 2, extra=2), row("deep", 1.0, 2, ("conv13", "fm1", "fm2"))
+    pd.DataFrame([one, longer, deep]).to_csv(suite / "results.csv", index=False)
+    text = write_report("table4_multi_lstm", "table4", "Table 4", tmp_path / "runs", tmp_path / "reports").read_text()
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in _table_rows(text)]
+    # the 900-step one-layer row against the first (what 600 more steps buy); the 3-layer row against it
+    assert [row[5] for row in cells] == ["baseline", "+50.0 [+50.0, +50.0]", "+0.0 [+0.0, +0.0] not significant"]
+    assert "each row of several layers is compared with a one-layer row of the same steps" in text
+    assert cells[1][0] == "lstm_ssd a=1, bottleneck_lstm after conv13, 2 stages more (900 steps)"
+    pd.DataFrame([one, deep]).to_csv(suite / "results.csv", index=False)  # without it: the 300-step row, said so
+    text = write_report("table4_multi_lstm", "table4", "Table 4", tmp_path / "runs", tmp_path / "reports").read_text()
+    assert [[c.strip() for c in r.strip("|").split("|")][5] for r in _table_rows(text)][1].startswith("+50.0")
+    assert "the rows of 900 steps have no one-layer row of their steps" in text
