@@ -21,11 +21,11 @@ from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
 from ablations.records import matches_artifact, occluded_name
-from ablations.suite import Suite, trial_config
+from ablations.suite import PROFILE_DEFAULTS, Suite, trial_config
 from ablations.tracking import PROJECT, Tracking, TrialRun, recorded_run_id, stage_run
 from datamodules.synthetic import is_synthetic
 from datamodules.vid import VidDataError, VidLayoutError
-from lightning_modules.config import RecurrentType
+from lightning_modules.config import ModelConfig, RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
 from lightning_modules.train_config import TrainConfig
@@ -62,7 +62,14 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single.model.recurrent.type = RecurrentType.none
     single.model.recurrent.after = []
     single.model.alpha_lstm = None  # no recurrent layer: Figure 4's widths share one stage 1
+    # nor a recurrent width: one stage 1 whether a suite sets same_width or not (Figure 4 and the search set
+    # it false for their rows), keeping the value its data's profile gives it, so cached stages keep their hash
+    single.model.recurrent.same_width = (PROFILE_DEFAULTS["synthetic"]["model.recurrent.same_width"]
+                                         if is_synthetic(single.data.root) else ModelConfig().recurrent.same_width)
     single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
+    # a suite's train.val_every_n_steps is for the stages its trials train (the search prunes on them); the
+    # shared stage 1 validates at its end
+    single.train.val_every_n_steps = TrainConfig().val_every_n_steps
     single.sweep.extra_stages = 0  # stage 2's continuation
     # stage 2's own settings (its warm start, what it freezes, which weights it starts from) do nothing in
     # stage 1: one stage 1 whatever their values

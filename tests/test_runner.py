@@ -91,6 +91,21 @@ def test_bad_stage_counts_are_config_errors(override, message):
         load_config(["sweep.extra_stages=1", "model.recurrent.type=none", "model.recurrent.after=[]"])
 
 
+@pytest.mark.parametrize("suite, point", [
+    ("fig4_lstm_width", {"model.alpha_lstm": 0.25}),  # same_width false: the axis is the LSTM's width
+    ("search_alpha_lstm", {"model.alpha_lstm": 0.1, "model.recurrent.after": ["conv13", "fm1"]}),  # + val every 100
+])
+def test_suites_that_set_recurrent_or_pruning_keys_share_the_profiles_stage1(suite, point):
+    """Stage 1 has no recurrent layer and is not pruned: Figure 4 and the search start from the stage 1 that
+    Tables 2-5 train (one per seed), not from one of their own that would cost 3 x 2,400 steps more."""
+    table2 = load_suite("table2_placement")
+    theirs = trial_config([], {**table2.delta("synthetic", table2.points[2].overrides), "seed": 1})
+    ours = trial_config([], {**load_suite(suite).delta("synthetic", point), "seed": 1})
+    assert runner.stage_hash(runner.stage1_config(ours)) == runner.stage_hash(runner.stage1_config(theirs))
+    assert runner.stage_hash(ours) != runner.stage_hash(theirs)
+    assert ours.train.val_every_n_steps == (100 if suite.startswith("search") else None)  # the trial's own stage
+
+
 def test_without_the_control_the_single_frame_row_is_stage1(fits, tmp_path):
     single = trained_stage(_cfg("none", "false"), tmp_path, log=lambda s: None)
     trained_stage(_cfg("bottleneck_lstm", "false"), tmp_path, log=lambda s: None)
