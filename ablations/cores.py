@@ -7,13 +7,18 @@ idle. A waiting worker leaves a marker (its pid) beside the lock; the worker tra
 the live markers every few steps and trains on one more thread per waiting worker, never more than
 the machine's cores, and back to its own count when they are gone. Threads change float rounding
 only, so the stage cache ignores them (`ablations.runner._NOT_TRAINING`).
+
+A worker with no trial left to claim does the same for the stages still training (`lend_until`): it
+waits marked beside every stage lock another process holds until the suite's last trial is done, so a
+suite's last trial does not train on one core while the others sit idle.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 from filelock import FileLock, Timeout
@@ -68,6 +73,41 @@ def stage_lock(lock_path: Path, mark_waiting: bool = True) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def held_by_another(lock_path: Path) -> bool:
+    """Whether another process holds `lock_path` now (a stage being trained)."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def lend_until(done: Callable[[], bool], stages_dir: Path, poll_s: float = 5.0) -> int:
+    """For a worker with no trial left: wait marked beside every stage lock in `stages_dir` that another
+    process holds (the stages train on one more thread each, `LendIdleCores`), following them as they
+    start and end, until `done()`. Returns how many stages it was lent to."""
+    marked: Dict[Path, Path] = {}
+    lent = 0
+    try:
+        while not done():
+            held = {p for p in Path(stages_dir).glob("*.lock") if held_by_another(p)}
+            for lock in held - marked.keys():
+                marker = waiting_dir(lock) / str(os.getpid())
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                marked[lock] = marker
+                lent += 1
+            for lock in marked.keys() - held:
+                marked.pop(lock).unlink(missing_ok=True)
+            time.sleep(poll_s)
+    finally:
+        for marker in marked.values():
+            marker.unlink(missing_ok=True)
+    return lent
 
 
 class LendIdleCores(Callback):

@@ -127,9 +127,14 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     started = time.time()
     records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
                         lambda delta: trial_config(options.overrides, delta), log=log)
+    lend = trial_config(options.overrides, suite.delta(options.profile)).sweep.lend_idle_cores
     if worker_only:
+        if lend:  # this worker's core to the trials the others are still training
+            _lend_until(lambda: not _running_here(suite, options), options)
         return records
     if helpers:
+        if lend:
+            _lend_until(lambda: all(helper.poll() is not None for helper in helpers), options)
         records = join_workers(helpers, suite, options)
     record_session(Path(options.runs_dir) / suite.name, started, request, len(records))
     log(f"[{suite.name}] {len(records)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
@@ -142,6 +147,26 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     if command and mode == "offline":
         log(f"[{suite.name}] upload the W&B runs with: {command}")
     return records
+
+
+def _lend_until(done, options) -> None:
+    from ablations.cores import lend_until
+    from ablations.runner import STAGES_DIR
+
+    lend_until(done, Path(options.runs_dir) / STAGES_DIR)
+
+
+def _running_here(suite: Suite, options) -> bool:
+    """Whether a worker on this host still runs a trial of the suite (a dead one's trial is failed first)."""
+    import socket
+
+    from ablations.harness import open_study, recover_dead_trials
+    from optuna.trial import TrialState
+
+    study = open_study(suite, options)
+    recover_dead_trials(study)
+    host = socket.gethostname()
+    return any(t.user_attrs.get("host") == host for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def record_session(folder: Path, started: float, request: SuiteRequest, trials: int) -> None:

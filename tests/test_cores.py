@@ -103,3 +103,52 @@ def test_a_real_stage_trains_on_the_lent_core_and_says_so(tmp_path, threads):
         fit(cfg.model, cfg.data, cfg.train, callbacks=[LendIdleCores(lock, cores=2, log=said.append)])
     assert said == ["    step 0: 2 threads, 1 lent by the workers waiting for this stage"]
     assert torch.get_num_threads() == 1
+
+
+def test_a_worker_without_trials_lends_its_core_to_the_stages_still_training(tmp_path):
+    """A worker whose trials are done waits marked beside each stage lock another process holds (not the
+    free ones) until the suite is done, then removes its markers."""
+    from ablations.cores import lend_until
+
+    held = tmp_path / "training.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from filelock import FileLock; "
+                               f"lock = FileLock({str(held)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        free = tmp_path / "cached.lock"
+        free.touch()
+        seen = []
+
+        def done():
+            seen.append((waiting_workers(held), waiting_workers(free)))
+            return len(seen) > 2
+
+        assert lend_until(done, tmp_path, poll_s=0.01) == 1
+    finally:
+        holder.kill()
+    assert seen == [(0, 0), (1, 0), (1, 0)]  # marked after the first look, on the held lock only
+    assert waiting_workers(held) == 0  # and unmarked when the suite is done
+
+
+@pytest.mark.parametrize("lend", [True, False])
+@pytest.mark.parametrize("worker_only", [True, False])
+def test_tafm_run_lends_a_finished_workers_core_unless_told_not_to(monkeypatch, tmp_path, lend, worker_only):
+    """`tafm run --workers 2`: the main process, out of trials while a helper still trains, lends until the
+    helper exits; a helper out of trials lends until no trial of the suite runs on this host."""
+    import ablations.harness as harness
+    import ablations.pipeline as pipeline
+    from ablations.suite import load_suite
+
+    asked = []
+    monkeypatch.setattr(harness, "run_study", lambda *args, **kwargs: [])
+    monkeypatch.setattr(pipeline, "_lend_until", lambda done, options: asked.append(done()))
+    monkeypatch.setattr(pipeline, "join_workers", lambda helpers, suite, options: [])
+    overrides = [f"sweep.lend_idle_cores={str(lend).lower()}"]
+    request = pipeline.SuiteRequest("smoke", overrides, runs_dir=tmp_path, report_dir=tmp_path / "reports", workers=2)
+    options = pipeline.run_options(request)
+    helper = SimpleNamespace(poll=lambda: None)  # still training
+    pipeline._run_and_report(request, load_suite("smoke"), options, "disabled", [] if worker_only else [helper],
+                             worker_only, log=lambda line: None)
+    # done() asked once here: the helper still runs (False); no trial runs on this host (True)
+    assert asked == ([worker_only] if lend else [])
