@@ -101,9 +101,10 @@ def _extra_label(record: TrialRecord) -> str:
 
 def _labels(groups: List[Tuple[Dict[str, object], List[TrialRecord]]]) -> List[str]:
     """Each row's model; where two rows build the same model, their axis values too."""
-    labels = [_label(key) + _extra_label(rows[0]) for key, rows in groups]
+    models = [_label(key) + _extra_label(rows[0]) for key, rows in groups]
+    labels = list(models)
     for i, (_, rows) in enumerate(groups):
-        if labels.count(labels[i]) > 1 and rows[0].axes:
+        if models.count(models[i]) > 1 and rows[0].axes:  # counted before any label changed
             labels[i] += " (" + ", ".join(f"{k}={v}" for k, v in rows[0].axes.items()) + ")"
     return labels
 

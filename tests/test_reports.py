@@ -196,6 +196,7 @@ def test_grid_points_building_the_same_model_stay_apart(tmp_path):
     runs = _write(tmp_path, "table3_recurrent", [first, second])
     rows = _table_rows(write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text())
     assert len(rows) == 2 and "train.lr=0.001" in rows[0] and "| 40.0 |" in rows[0] and "| 60.0 |" in rows[1]
+    assert "train.lr=0.01)" in rows[1]  # the last of them too (Figure 4's alpha_lstm=1 row once lost it)
 
 
 def test_wall_time_seeds_and_commit_reach_the_report_and_the_index(tmp_path):
