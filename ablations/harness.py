@@ -36,6 +36,7 @@ from ablations.suite import Suite, TrialPoint
 MAX_RETRIES = 3
 HEARTBEAT_S = 30
 GRACE_S = 180
+SEARCH_SEED = 0  # a search's trial n samples with seed SEARCH_SEED + n (search_sampler)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -83,11 +84,18 @@ def storage_url(suite: Suite, options: RunOptions) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
+def search_sampler(trial_number: int) -> optuna.samplers.BaseSampler:
+    """TPE seeded by the trial it samples: each of a search's workers is a process with its own sampler,
+    and samplers seeded alike drew the same points in every worker (the search's first two trials were
+    one point twice); seeded by trial number, a rerun draws the same points and workers draw different ones."""
+    return optuna.samplers.TPESampler(seed=SEARCH_SEED + trial_number)
+
+
 def open_study(suite: Suite, options: RunOptions) -> optuna.Study:
     """Create or load the suite's study; creation is serialised (two workers may start at once)."""
     url = storage_url(suite, options)
     kwargs = {} if url.startswith("sqlite") else {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
-    sampler = optuna.samplers.TPESampler(seed=0) if suite.search else None
+    sampler = search_sampler(0) if suite.search else None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if suite.search else optuna.pruners.NopPruner()
     with FileLock(suite_dir(suite, options) / "create.lock"), _server_creation_lock(url):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
@@ -382,6 +390,7 @@ class SearchPoints:
 
     def prepare(self, trial: optuna.trial.Trial) -> _Claimed:
         key = trial.user_attrs["key"]
+        self.study.sampler = search_sampler(trial.number)  # the study's sampler is the one trial.suggest_* uses
         params = _suggest(trial, self.suite.search["space"])
         labels = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
         ctx = TrialContext(self.suite, key, None, 0, labels, suite_dir(self.suite, self.options) / "trials" / key,
