@@ -105,7 +105,7 @@ def _labels(groups: List[Tuple[Dict[str, object], List[TrialRecord]]]) -> List[s
     labels = list(models)
     for i, (_, rows) in enumerate(groups):
         if models.count(models[i]) > 1 and rows[0].axes:  # counted before any label changed
-            labels[i] += " (" + ", ".join(f"{k}={v}" for k, v in rows[0].axes.items()) + ")"
+            labels[i] += " (" + ", ".join(f"{k}={_short_value(v)}" for k, v in rows[0].axes.items()) + ")"
     return labels
 
 
@@ -342,6 +342,7 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
     if spec.figure is not None:
         lines += spec.figure(records, target)
     lines += suite_table(table, records, Path(runs_dir) / suite)
+    lines += _pruned_lines(read_results(Path(runs_dir) / suite / "results.csv"))
     for extra in sorted((Path(runs_dir) / suite / "extras").glob("*.md")):
         lines += ["", extra.read_text().rstrip()]
     lines += ["", "## Provenance", ""] + _provenance(records, read_sessions(Path(runs_dir) / suite))
@@ -349,6 +350,28 @@ def write_report(suite: str, table: str, description: str, runs_dir: Path, out_d
     readme = target / "README.md"
     readme.write_text("\n".join(lines) + "\n")
     return readme
+
+
+def _pruned_lines(records: List[TrialRecord]) -> List[str]:
+    """The trials a search pruned (over its MAC budget, or stopped by the MedianPruner), each with its point
+    and the reason: they are in no row of the table."""
+    pruned = [r for r in records if r.state == "PRUNED"]
+    if not pruned:
+        return []
+    lines = ["", f"Pruned: {len(pruned)} of {len(records)} trials, in no row above:"]
+    for record in pruned:
+        point = ", ".join(f"{axis}={_short_value(value)}" for axis, value in record.axes.items())
+        lines.append(f"- {record.key} ({point}): {record.extra.get('pruned') or 'pruned'}")
+    return lines
+
+
+def _short_value(value: object) -> str:
+    """An axis value for a person: a sampled float to 3 significant digits, anything else as it is."""
+    try:
+        number = float(str(value))
+    except ValueError:
+        return str(value)
+    return f"{number:.3g}" if "." in str(value) else str(value)
 
 
 def _short_commit(commit: str) -> str:

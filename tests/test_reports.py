@@ -260,3 +260,19 @@ def test_stacked_rows_are_compared_with_a_one_layer_row_of_their_steps(tmp_path)
     text = write_report("table4_multi_lstm", "table4", "Table 4", tmp_path / "runs", tmp_path / "reports").read_text()
     assert [[c.strip() for c in r.strip("|").split("|")][5] for r in _table_rows(text)][1].startswith("+50.0")
     assert "the rows of 900 steps have no one-layer row of their steps" in text
+
+
+def test_a_searchs_pruned_trials_are_listed_with_their_reason_and_points_read_short(tmp_path):
+    kept = _row("bottleneck_lstm", 1.0, 0.40)
+    kept["axis.model.alpha_lstm"] = "0.14050388998463584"
+    over = _row("bottleneck_lstm", 1.0, 0.0)
+    over.update({"key": "search-0001", "state": "PRUNED", "axis.model.alpha_lstm": "0.4557067425415698", "value": None,
+                 "metric.pruned": "1.230B MACs over the budget 1.150B", "metric.val/vid_map50": None,
+                 "metric.val/coco_ap50": None})
+    twin = dict(kept, key="search-0002", **{"axis.model.alpha_lstm": "0.2"})
+    runs = _write(tmp_path, "search_alpha_lstm", [kept, over, twin])
+    text = write_report("search_alpha_lstm", "search", "Search", runs, tmp_path / "reports").read_text()
+    assert "Pruned: 1 of 3 trials, in no row above:" in text
+    assert "- search-0001 (model.alpha_lstm=0.456): 1.230B MACs over the budget 1.150B" in text
+    assert "(model.alpha_lstm=0.141)" in text and "(model.alpha_lstm=0.2)" in text  # rows of one model, told apart
+    assert len(_table_rows(text)) == 2
