@@ -72,15 +72,28 @@ def table6(row: RowKey, p: Optional[float] = None) -> Optional[float]:
 
 
 def figure4(records: List[TrialRecord], out: Path) -> Path:
-    """Figure 4: mAP against the LSTM's output channels (alpha_lstm * 1024), as a PNG line plot."""
+    """Figure 4: mAP against the LSTM's output channels (alpha_lstm * 1024), as a PNG: the mean over seeds
+    as a line with its std as error bars, each seed as a faint dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     points = sorted((float(r.config["model.alpha_lstm"]) * 1024, float(r.metric("val/vid_map50")) * 100) for r in records)
+    widths = sorted({x for x, _ in points})
+    by_width = [[y for x, y in points if x == w] for w in widths]
+    means = [float(np.mean(ys)) for ys in by_width]
+    stds = [float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0 for ys in by_width]
+    seeds = max(len(ys) for ys in by_width)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=12, color="0.6", zorder=2,
+               label="one seed" if seeds > 1 else "one run")
+    if seeds > 1:
+        ax.errorbar(widths, means, yerr=stds, marker="o", capsize=3, zorder=3, label=f"mean ± std, {seeds} seeds")
+    else:
+        ax.plot(widths, means, marker="o", zorder=3)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LSTM output channels (alpha_lstm x 1024)")
     ax.set_ylabel("VID mAP@0.5 (%)")
