@@ -84,13 +84,22 @@ def _label(key: Dict[str, object]) -> str:
 def _groups(records: List[TrialRecord]) -> List[Tuple[Dict[str, object], List[TrialRecord]]]:
     """Rows of the table: the trials of one grid point (its axis labels), seeds pooled; records without
     axes (older files) by their model. Two grid points that build the same model (e.g. an axis over
-    training settings) stay two rows."""
+    training settings) stay two rows. Ordered by alpha (as first recorded), then stage-2 steps, one-layer
+    rows first, else as recorded: a row trained longer sits beside the rows of its steps (Table 4's
+    same-steps baselines above the stacked rows they are compared with)."""
     groups: Dict[str, Tuple[Dict[str, object], List[TrialRecord]]] = {}
     for record in records:
         key = _row_key(record)
         identity = record.axes or key
         groups.setdefault(json.dumps(identity, sort_keys=True, default=str), (key, []))[1].append(record)
-    return list(groups.values())
+    alphas = list(dict.fromkeys(key["alpha"] for key, _ in groups.values()))
+
+    def order(group: Tuple[Dict[str, object], List[TrialRecord]]) -> Tuple[int, int, bool]:
+        key, rows = group
+        steps = stage2_steps(rows[0])
+        return alphas.index(key["alpha"]), -1 if steps is None else steps, len(key["after"]) > 1
+
+    return sorted(groups.values(), key=order)
 
 
 def _extra_label(record: TrialRecord) -> str:

@@ -249,10 +249,11 @@ def test_stacked_rows_are_compared_with_a_one_layer_row_of_their_steps(tmp_path)
         return _with_matches(record, suite, hits, key)
 
     one, longer, deep = row("one", 0.5, 1), row("longer", 1.0, 2, extra=2), row("deep", 1.0, 2, ("conv13", "fm1", "fm2"))
-    pd.DataFrame([one, longer, deep]).to_csv(suite / "results.csv", index=False)
+    pd.DataFrame([one, deep, longer]).to_csv(suite / "results.csv", index=False)  # the same-steps row recorded last
     text = write_report("table4_multi_lstm", "table4", "Table 4", tmp_path / "runs", tmp_path / "reports").read_text()
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in _table_rows(text)]
-    # the 900-step one-layer row against the first (what 600 more steps buy); the 3-layer row against it
+    # rows by steps, one layer first; the 900-step one-layer row against the first (what 600 more steps buy),
+    # the 3-layer row against it
     assert [row[5] for row in cells] == ["baseline", "+50.0 [+50.0, +50.0]", "+0.0 [+0.0, +0.0] not significant"]
     assert "each row of several layers is compared with a one-layer row of the same steps" in text
     assert cells[1][0] == "lstm_ssd a=1, bottleneck_lstm after conv13, 2 stages more (900 steps)"
