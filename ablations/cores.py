@@ -90,23 +90,21 @@ def lend_until(done: Callable[[], bool], stages_dir: Path, poll_s: float = 5.0) 
     """For a worker with no trial left: wait marked beside every stage lock in `stages_dir` that another
     process holds (the stages train on one more thread each, `LendIdleCores`), following them as they
     start and end, until `done()`. Returns how many stages it was lent to."""
-    marked: Dict[Path, Path] = {}
+    marked: Dict[Path, contextlib.ExitStack] = {}  # lock -> its `waiting_for` marker, open
     lent = 0
     try:
         while not done():
             held = {p for p in Path(stages_dir).glob("*.lock") if held_by_another(p)}
             for lock in held - marked.keys():
-                marker = waiting_dir(lock) / str(os.getpid())
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-                marked[lock] = marker
+                marked[lock] = contextlib.ExitStack()
+                marked[lock].enter_context(waiting_for(lock))
                 lent += 1
             for lock in marked.keys() - held:
-                marked.pop(lock).unlink(missing_ok=True)
+                marked.pop(lock).close()
             time.sleep(poll_s)
     finally:
-        for marker in marked.values():
-            marker.unlink(missing_ok=True)
+        for mark in marked.values():
+            mark.close()
     return lent
 
 

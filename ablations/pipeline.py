@@ -119,7 +119,7 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
 
 def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, helpers: list, worker_only: bool,
                     log: Log) -> List[TrialRecord]:
-    from ablations.harness import run_study
+    from ablations.harness import open_study, run_study
     from ablations.runner import run_trial
     from ablations.suite import trial_config
     from ablations.tracking import sync_command
@@ -130,7 +130,8 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     lend = trial_config(options.overrides, suite.delta(options.profile)).sweep.lend_idle_cores
     if worker_only:
         if lend:  # this worker's core to the trials the others are still training
-            _lend_until(lambda: not _running_here(suite, options), options)
+            study = open_study(suite, options)
+            _lend_until(lambda: not _running_here(study), options)
         return records
     if helpers:
         if lend:
@@ -156,14 +157,13 @@ def _lend_until(done, options) -> None:
     lend_until(done, Path(options.runs_dir) / STAGES_DIR)
 
 
-def _running_here(suite: Suite, options) -> bool:
-    """Whether a worker on this host still runs a trial of the suite (a dead one's trial is failed first)."""
+def _running_here(study) -> bool:
+    """Whether a worker on this host still runs a trial of the study (a dead one's trial is failed first)."""
     import socket
 
-    from ablations.harness import open_study, recover_dead_trials
+    from ablations.harness import recover_dead_trials
     from optuna.trial import TrialState
 
-    study = open_study(suite, options)
     recover_dead_trials(study)
     host = socket.gethostname()
     return any(t.user_attrs.get("host") == host for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))

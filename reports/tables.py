@@ -222,7 +222,7 @@ def suite_table(table: str, records: List[TrialRecord], base_dir: Optional[Path]
         lines += ["", f"Single-frame SSD baseline (ours): {baseline:.1f} mAP"
                   + (_control_note(records, frozen) if control else ": the stage-1 model.")]
     else:
-        lines += _budget_note(records)
+        lines += _budget_note(records, groups)
     lines += tests.footer()
     return lines
 
@@ -257,7 +257,7 @@ def _control_note(records: List[TrialRecord], frozen: bool) -> str:
             "larger training budget than it.")
 
 
-def _budget_note(records: List[TrialRecord]) -> List[str]:
+def _budget_note(records: List[TrialRecord], groups: List[Tuple[Dict[str, object], List[TrialRecord]]]) -> List[str]:
     """A line when the rows (no single-frame control among them) trained different stage-2 steps: whether
     each was compared with a one-layer row of its own steps, or with a row of fewer."""
     steps = sorted({stage2_steps(r) for r in records} - {None})
@@ -266,7 +266,6 @@ def _budget_note(records: List[TrialRecord]) -> List[str]:
     text = ("Stage-2 budgets differ: the rows trained " + " / ".join(f"{n:,}" for n in steps) + " stage-2 steps "
             "(a row stacked progressively trains train.max_steps per layer, a row with sweep.extra_stages that "
             "many stages more)")
-    groups = _groups(records)
     unmatched = sorted({stage2_steps(rows[0]) for key, rows in groups if len(key["after"]) > 1
                         and stage2_steps(groups[_baseline(groups, key, rows)][1][0]) != stage2_steps(rows[0])} - {None})
     if not unmatched:
