@@ -114,18 +114,25 @@ class Suite:
     extras: Dict[str, Any] = field(default_factory=dict)
     source: str = ""
     points: List[TrialPoint] = field(default_factory=list)
+    #: per profile, the keys the suite file's own `profiles:` block sets (the rest of `profiles` is PROFILE_DEFAULTS)
+    own_profile_keys: Dict[str, frozenset] = field(default_factory=dict)
 
     def delta(self, profile: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """The flat config delta of a trial: suite base, then the trial's own keys, then the profile.
+        """The flat config delta of a trial: suite base, then the trial's own keys (`extra`: a grid point's or a
+        search sample's), then the profile.
 
-        A profile carries scale (input size, training length, workers), never an axis, so it wins:
-        the synthetic profile shrinks every grid point's input the same way."""
+        The suite's own profile block carries scale (input size, training length), so it wins: the synthetic
+        profile shrinks every grid point's input the same way. A recipe default (PROFILE_DEFAULTS) the suite
+        does not set itself yields to the trial's own keys: a grid axis or search key on, say, train.lr or
+        model.recurrent.init varies it instead of being silently replaced by the recipe's one value."""
         if profile not in PROFILES:
             raise ConfigError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
         merged: Dict[str, Any] = {}
         merged.update(self.base)
         merged.update(extra or {})
-        merged.update(self.profiles.get(profile, {}))
+        own = self.own_profile_keys.get(profile, frozenset())
+        merged.update({key: value for key, value in self.profiles.get(profile, {}).items()
+                       if key in own or key not in (extra or {})})
         return merged
 
 
@@ -273,7 +280,9 @@ def load_suite(name_or_path: str) -> Suite:
                   grid=grid, search=raw.get("search") or None, evaluate=raw.get("evaluate") or {},
                   profiles={name: {**PROFILE_DEFAULTS[name], **((raw.get("profiles") or {}).get(name) or {})}
                             for name in PROFILES}, seeds=raw.get("seeds", 1), extras=raw.get("extras") or {},
-                  source=str(path))
+                  source=str(path),
+                  own_profile_keys={name: frozenset(((raw.get("profiles") or {}).get(name) or {}).keys())
+                                    for name in PROFILES})
     suite.points = _expand_grid(grid)
     for profile in PROFILES:
         _check_keys(f"profile {profile}", suite.delta(profile), str(path))

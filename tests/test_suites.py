@@ -8,7 +8,7 @@ import pytest
 
 from ablations.cli import main
 from ablations.harness import RunOptions, open_study
-from ablations.suite import PROFILES, available_suites, load_suite
+from ablations.suite import PROFILE_DEFAULTS, PROFILES, available_suites, load_suite
 from ablations.tracking import read_offline_run
 
 EXPECTED = {"table2_placement", "table3_recurrent", "fig4_lstm_width", "table4_multi_lstm", "table5_comparison",
@@ -28,6 +28,22 @@ def test_suite_is_valid_in_both_profiles(name):
     assert suite.base.get("model.recurrent.activation") == "relu6"
     for profile in PROFILES:
         suite.delta(profile)
+
+
+def test_a_grid_axis_on_a_recipe_default_varies_while_the_suites_own_profile_still_scales(tmp_path):
+    path = tmp_path / "axes.yaml"
+    path.write_text("description: d\ntable: table3\nmetric: val/vid_map50\n"
+                    "base: {model.alpha: 0.5, model.input_size: 256}\n"
+                    "grid: {model.recurrent.init: [identity, random], train.lr: [0.001, 0.004]}\n"
+                    "profiles: {synthetic: {model.input_size: 192}}\n")
+    suite = load_suite(str(path))
+    assert {"model.recurrent.init", "train.lr"} <= set(PROFILE_DEFAULTS["synthetic"])  # what the test is about
+    deltas = [suite.delta("synthetic", point.overrides) for point in suite.points]
+    # the recipe's one init and lr used to replace every point's: four trials of one config
+    assert {(d["model.recurrent.init"], d["train.lr"]) for d in deltas} == {
+        ("identity", 0.001), ("identity", 0.004), ("random", 0.001), ("random", 0.004)}
+    assert {d["model.input_size"] for d in deltas} == {192}  # the suite's own profile block still wins
+    assert suite.delta("synthetic")["train.lr"] == PROFILE_DEFAULTS["synthetic"]["train.lr"]
 
 
 @pytest.fixture(scope="module")
