@@ -21,11 +21,11 @@ from ablations.harness import TrialContext, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
 from ablations.records import matches_artifact, occluded_name
-from ablations.suite import PROFILE_DEFAULTS, Suite, trial_config
+from ablations.suite import PROFILE_DEFAULTS, SUITE_DEFAULTS, Suite, trial_config
 from ablations.tracking import PROJECT, Tracking, TrialRun, recorded_run_id, stage_run
 from datamodules.synthetic import is_synthetic
 from datamodules.vid import VidDataError, VidLayoutError
-from lightning_modules.config import ModelConfig, RecurrentType
+from lightning_modules.config import RecurrentConfig, RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
 from lightning_modules.train_config import TrainConfig
@@ -62,10 +62,10 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     single.model.recurrent.type = RecurrentType.none
     single.model.recurrent.after = []
     single.model.alpha_lstm = None  # no recurrent layer: Figure 4's widths share one stage 1
-    # nor a recurrent width: one stage 1 whether a suite sets same_width or not (Figure 4 and the search set
-    # it false for their rows), keeping the value its data's profile gives it, so cached stages keep their hash
-    single.model.recurrent.same_width = (PROFILE_DEFAULTS["synthetic"]["model.recurrent.same_width"]
-                                         if is_synthetic(single.data.root) else ModelConfig().recurrent.same_width)
+    # nor any other recurrent setting: one stage 1 whatever a suite sets for its cells (Figure 4 and the search
+    # set same_width false, a probe may vary the cells' init), each at the value its data's profile gives it,
+    # so cached stages keep their hash
+    single.model.recurrent = _profile_recurrent(single.data.root)
     single.sweep.single_frame_stage2 = False  # one stage 1 whether or not a suite adds the control
     # a suite's train.val_every_n_steps is for the stages its trials train (the search prunes on them); the
     # shared stage 1 validates at its end
@@ -91,6 +91,17 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
         single.data.synthetic_cue_prob = cfg.sweep.stage1_cue_prob
     single.sweep.stage1_cue_prob = None  # the same stage 1 as a suite whose data is that twin
     return single
+
+
+def _profile_recurrent(data_root: Optional[str]) -> RecurrentConfig:
+    """The recurrent settings a suite trial on this data gets when nothing varies them (the suites' defaults and
+    the data's profile), with no layer: what every stage 1 is hashed with."""
+    profile = "synthetic" if is_synthetic(data_root) else "vid"
+    delta = {key: value for key, value in {**SUITE_DEFAULTS, **PROFILE_DEFAULTS[profile]}.items()
+             if key.startswith("model.recurrent.")}
+    recurrent = trial_config([], delta).model.recurrent
+    recurrent.type, recurrent.after = RecurrentType.none, []
+    return recurrent
 
 
 def single_frame_control(cfg: TafmConfig) -> bool:

@@ -94,6 +94,9 @@ def test_bad_stage_counts_are_config_errors(override, message):
 @pytest.mark.parametrize("suite, point", [
     ("fig4_lstm_width", {"model.alpha_lstm": 0.25}),  # same_width false: the axis is the LSTM's width
     ("search_alpha_lstm", {"model.alpha_lstm": 0.1, "model.recurrent.after": ["conv13", "fm1"]}),  # + val every 100
+    # any other cell setting a grid axis varies (it did train a second stage 1 of its own)
+    ("table3_recurrent", {"model.recurrent.init": "random", "model.recurrent.forget_bias": 0.0,
+                          "model.recurrent.fm_width_rule": "half", "model.recurrent.activation": "relu"}),
 ])
 def test_suites_that_set_recurrent_or_pruning_keys_share_the_profiles_stage1(suite, point):
     """Stage 1 has no recurrent layer and is not pruned: Figure 4 and the search start from the stage 1 that
