@@ -34,8 +34,7 @@ from reports.significance import VideoMatches
 STAGES_DIR = "_stages"
 DONE = "done.json"
 # keys that do not change what a stage trains: evaluation-only, bookkeeping, or speed settings that keep
-# the maths (threads, folded BatchNorm, torch.compile: same losses to float rounding; channels_last does
-# change the BatchNorm sums, so it stays in the hash)
+# the maths (threads, folded BatchNorm, torch.compile: same losses to float rounding)
 _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
                  "data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
                  "data.max_val_videos", "data.minival_seed", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
@@ -46,10 +45,13 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
 
 # keys added after stages were cached: hashed only when not at their default, so those stages keep their hash
 _HASHED_WHEN_SET = {"sweep.extra_stages": 0}
+# speed settings that keep the maths since their stages were cached: hashed at the value those stages had.
+# channels_last changed the BatchNorm sums until its statistics were summed exactly (speed.ExactNHWCBatchNorm2d)
+_HASHED_AS = {"train.channels_last": False}
 
 
 def stage_hash(cfg: TafmConfig) -> str:
-    flat = {k: v for k, v in to_flat_dict(cfg).items()
+    flat = {k: _HASHED_AS.get(k, v) for k, v in to_flat_dict(cfg).items()
             if k not in _NOT_TRAINING and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -9,7 +9,8 @@ import torch
 
 from lightning_modules.config import ModelConfig, RecurrentConfig, RecurrentType
 from lightning_modules.network import create_model
-from lightning_modules.speed import FoldingSequential, cpu_threads, fold_batchnorms
+from lightning_modules.speed import (ExactNHWCBatchNorm2d, FoldingSequential, cpu_threads, exact_nhwc_batchnorms,
+                                    fold_batchnorms, prepare_module)
 from lightning_modules.train_config import TrainConfig
 
 
@@ -77,3 +78,57 @@ def test_threads_are_set_for_the_stage_and_restored():
         assert inside == before
     with pytest.raises(ValueError, match="train.threads"):
         TrainConfig(threads=-1).validate()
+
+
+def _batchnorm_step(bn, x, grad, layout):
+    x = x.detach().contiguous(memory_format=layout).requires_grad_()
+    y = bn(x)
+    y.backward(grad.contiguous(memory_format=layout))
+    return [y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+
+
+def test_nhwc_batchnorm_sums_its_statistics_and_gradients_as_exactly_as_nchw():
+    """At the main job's first layers (16 x 16 x 96 x 96, activations around 6 +- 1.7) PyTorch's CPU NHWC kernel is
+    ~1e-5 off a float64 reference in y, dx and the weight's and bias's gradients; NCHW and ExactNHWCBatchNorm2d
+    stay within 1e-6."""
+    torch.manual_seed(0)
+    x, grad = torch.rand(16, 16, 96, 96, dtype=torch.float64) * 6 + 3, torch.randn(16, 16, 96, 96, dtype=torch.float64)
+    reference = torch.nn.BatchNorm2d(16, eps=1e-3, momentum=0.1).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2.0)
+        reference.bias.uniform_(-1.0, 1.0)
+    exact = copy.deepcopy(reference).float()
+    assert exact_nhwc_batchnorms(exact) == 1 and isinstance(exact, ExactNHWCBatchNorm2d)
+    assert exact.state_dict().keys() == reference.state_dict().keys()
+    expected = _batchnorm_step(reference, x, grad, torch.contiguous_format)
+    got = _batchnorm_step(exact, x.float(), grad.float(), torch.channels_last)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, e, g in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), expected, got):
+        error = float((g.double() - e).abs().max() / e.abs().max())
+        assert error < 1e-6, (name, error)
+    assert int(exact.num_batches_tracked) == int(reference.num_batches_tracked) == 1
+    exact.eval()  # evaluation and NCHW inputs run nn.BatchNorm2d's own kernel
+    torch.testing.assert_close(exact(x.float()), reference.eval()(x).float())
+
+
+def test_channels_last_trains_the_same_maths_as_nchw_in_float64():
+    """The whole network's training step in NHWC (prepare_module with train.channels_last) gives NCHW's loss and
+    gradients to float64 rounding; in float32 they differ only by rounding (and the hard-negative picks it flips)."""
+    net = tiny_net().double()
+    module = type("M", (), {})()
+    module.net = copy.deepcopy(net)
+    prepare_module(module, TrainConfig(channels_last=True, fold_bn=True))
+    assert any(isinstance(m, ExactNHWCBatchNorm2d) for m in module.net.modules())
+    frames = torch.rand(2, 2, 3, 64, 64, dtype=torch.float64) * 2 - 1
+    results = []
+    for model in (net, module.net):
+        boxes, logits, _ = model(frames)
+        loss = (boxes ** 2).sum() + logits.logsumexp(-1).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
+    for name, g in grads_a.items():  # float64 rounding: ~2e-10 of each gradient's norm (float32's would be ~1e-3)
+        assert float((grads_b[name] - g).norm() / g.norm()) < 1e-8, name
+    for (name, a), b in zip(net.state_dict().items(), module.net.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
