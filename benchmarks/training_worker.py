@@ -139,9 +139,12 @@ class Worker:
             t0 = time.perf_counter()
             batch = next(self.batches)
             t1 = time.perf_counter()
-            box_regression, class_logits, _ = self.module.net(batch["images"], None, batch["reset"])
+            if hasattr(self.module, "training_forward"):  # keeps the frozen base's features for the teacher
+                box_regression, class_logits, kept = self.module.training_forward(batch, self.step)
+            else:
+                (box_regression, class_logits, _), kept = self.module.net(batch["images"], None, batch["reset"]), None
             t2 = time.perf_counter()
-            loss = self._loss(batch, box_regression, class_logits)
+            loss = self._loss(batch, box_regression, class_logits, kept)
             t3 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,15 +158,18 @@ class Worker:
             losses.append(float(loss.detach()))
         return {"phases": phases, "losses": losses}
 
-    def _loss(self, batch, box_regression, class_logits):
+    def _loss(self, batch, box_regression, class_logits, kept=None):
         """The training step's loss: the multibox loss, plus distillation from the init checkpoint's network in
-        the first train.distill_steps steps where the checkout has it (as its training_step)."""
+        the first train.distill_steps steps where the checkout has it (as its training_step, the teacher from the
+        student's kept base features where the checkout keeps them)."""
         loss = self.module.clip_loss(batch, box_regression, class_logits)["loss"]
         teacher = getattr(self.module, "teacher", None)
         if teacher is not None and self.step < self.cfg.train.distill_steps:
             from lightning_modules.distill import distillation_loss
 
-            distill = distillation_loss(box_regression, class_logits, teacher(batch["images"], batch["reset"]))
+            outputs = (self.module.teacher_outputs(batch, kept) if hasattr(self.module, "teacher_outputs")
+                       else teacher(batch["images"], batch["reset"]))
+            distill = distillation_loss(box_regression, class_logits, outputs)
             loss = loss + self.cfg.train.distill_weight * distill
         self.step += 1
         return loss

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.config import ModelConfig, as_config
-from lightning_modules.network import LSTMSSD, create_model
+from lightning_modules.network import LSTMSSD, Step, create_model
 from lightning_modules.stages import read_net_state
 
 
@@ -61,3 +61,30 @@ class Teacher:
         self.net.to(images.device)
         box_regression, class_logits, _ = self.net(images, None, reset)
         return box_regression, class_logits
+
+    @torch.no_grad()
+    def after(self, layer: str, features: Tensor, steps: int, reset: Tensor) -> Tuple[Tensor, Tensor]:
+        """Its outputs from `features`, its base layer `layer`'s output computed by a student that shares its
+        weights up to there (`shares_base_with`): the same numbers as __call__, without the base."""
+        self.net.to(features.device)
+        return self.net.forward_after(layer, features, steps, reset)
+
+    def shares_base_with(self, student: nn.Module, layer: str) -> bool:
+        """Whether `student` computes exactly what this teacher computes up to base layer `layer`: the same plan
+        of layers up to it (no recurrent cell before it), every weight and running statistic equal, none of
+        them trained, and their BatchNorms in eval mode (stage 2's frozen base, `frozen_bn_eval`)."""
+        teacher = self.net
+        if not (hasattr(teacher, "plan") and hasattr(student, "plan") and layer in teacher.base and layer in student.base):
+            return False
+        prefix = teacher.plan[:teacher.plan.index(Step("layer", layer)) + 1]
+        if student.plan[:len(prefix)] != prefix or any(step.kind != "layer" for step in prefix):
+            return False
+        for step in prefix:
+            ours, theirs = student.base[step.name], teacher.base[step.name]
+            if any(p.requires_grad for p in ours.parameters()) or any(
+                    m.training for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+                return False
+            mine, other = ours.state_dict(), theirs.state_dict()
+            if mine.keys() != other.keys() or not all(torch.equal(mine[k], other[k].to(mine[k].device)) for k in mine):
+                return False
+        return True

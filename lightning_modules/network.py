@@ -231,12 +231,26 @@ class LSTMSSD(nn.Module):
         self, frames: Tensor, state: Optional[Sequence[State]] = None, reset: Optional[Tensor] = None
     ) -> Tuple[Tensor, Tensor, Tuple[State, ...]]:
         """frames [T, B, 3, S, S] scaled to [-1, 1]; reset [T, B] bool zeroes a stream's state before a frame."""
-        steps = frames.shape[0]
-        x = frames.flatten(0, 1)
+        return self._run(frames.flatten(0, 1), frames.shape[0], 0, state, reset)
+
+    def forward_after(self, layer: str, features: Tensor, steps: int,
+                      reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """forward()'s boxes and logits from `features` [T*B, C, H, W], the output of base layer `layer` (zero
+        state): a network whose layers up to `layer` are another's (a stage-2 distillation teacher and its frozen
+        student) takes that one's features instead of computing them again."""
+        start = self.plan.index(Step("layer", layer)) + 1
+        if any(step.kind != "layer" for step in self.plan[:start]):
+            raise ValueError(f"forward_after({layer!r}): a recurrent cell or prediction map comes before it")
+        box_regression, class_logits, _ = self._run(features, steps, start, None, reset)
+        return box_regression, class_logits
+
+    def _run(self, x: Tensor, steps: int, start: int, state: Optional[Sequence[State]],
+             reset: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tuple[State, ...]]:
+        """The plan from step `start` on, x [T*B, C, H, W] its input."""
         old = dict(zip(self.cell_order, state)) if state is not None else {}
         new = {}
         maps = []
-        for step in self.plan:
+        for step in self.plan[start:]:
             if step.kind == "layer":
                 module = self.base[step.name] if step.name in self.base else self.fm[step.name]
                 x = module(x)

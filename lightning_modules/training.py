@@ -58,6 +58,7 @@ class LSTMSSDModule(pl.LightningModule):
                                     max_negatives_per_positive=self.train_cfg.max_negatives_per_positive,
                                     negative_weight=self.train_cfg.negative_weight)
         self.teacher: Optional[Teacher] = None
+        self._teacher_shares_base: Optional[bool] = None  # decided at the first distillation step (weights loaded)
         if self.train_cfg.stage == 2 and self.train_cfg.distill_steps > 0:
             self.teacher = Teacher(load_teacher(self.train_cfg.init_checkpoint, self.train_cfg.init_from_ema))
         self.frozen_layers: List[str] = []
@@ -91,13 +92,42 @@ class LSTMSSDModule(pl.LightningModule):
         gt_labels = [label for frame in batch["labels"] for label in frame]
         return self.loss_fn(box_regression.flatten(0, 1), class_logits.flatten(0, 1), gt_boxes, gt_labels)
 
+    def distilling(self, step: int) -> bool:
+        """Whether training step `step` adds the distillation loss (train.distill_steps)."""
+        return self.teacher is not None and step < self.train_cfg.distill_steps
+
+    def training_forward(self, batch: Dict[str, Any], step: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The network's boxes and logits on a clip batch, and, on a distillation step whose teacher shares the
+        frozen student's base exactly (Teacher.shares_base_with, checked once, after the weights are loaded),
+        the student's output of that base's last layer, for the teacher to start from (else None)."""
+        layer = self.train_cfg.freeze_through
+        if self.distilling(step) and self._teacher_shares_base is None:
+            self._teacher_shares_base = self.teacher.shares_base_with(self.net, layer)
+        kept: List[Tensor] = []
+        hook = (self.net.base[layer].register_forward_hook(lambda module, inputs, output: kept.append(output))
+                if self.distilling(step) and self._teacher_shares_base else None)
+        try:
+            box_regression, class_logits, _ = self.net(batch["images"], None, batch["reset"])
+        finally:
+            if hook is not None:
+                hook.remove()
+        return box_regression, class_logits, (kept[0] if kept else None)
+
+    def teacher_outputs(self, batch: Dict[str, Any], base_features: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """The distillation teacher's boxes and logits on the batch: from the student's base features where
+        training_forward kept them (the same numbers, without computing the frozen base twice), else in full."""
+        if base_features is not None:
+            return self.teacher.after(self.train_cfg.freeze_through, base_features, batch["images"].shape[0],
+                                      batch["reset"])
+        return self.teacher(batch["images"], batch["reset"])
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
         """One clip batch [T, B]: zero state at each clip start, full backprop through the T frames."""
-        box_regression, class_logits, _ = self.net(batch["images"], None, batch["reset"])
+        box_regression, class_logits, base_features = self.training_forward(batch, self.global_step)
         losses = self.clip_loss(batch, box_regression, class_logits)
-        if self.teacher is not None and self.global_step < self.train_cfg.distill_steps:
+        if self.distilling(self.global_step):
             losses["distill"] = distillation_loss(box_regression, class_logits,
-                                                  self.teacher(batch["images"], batch["reset"]))
+                                                  self.teacher_outputs(batch, base_features))
             losses["loss"] = losses["loss"] + self.train_cfg.distill_weight * losses["distill"]
         frames = batch["images"].shape[0] * batch["images"].shape[1]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=frames, prog_bar=False)

@@ -127,3 +127,46 @@ def test_the_cpu_recipe_overfits_every_cell_type(tiny_root, tmp_path):
     assert scores["start"] < 0.05
     for kind in ("none", "averaging", "lstm", "gru", "bottleneck_lstm"):
         assert scores[kind] > scores["start"] + 0.3, kind  # measured 0.52-0.56 for every type (start 0.0)
+
+
+@pytest.mark.parametrize("case, shares", [("frozen", True), ("trained base", False), ("another base", False)])
+def test_the_teacher_starts_from_the_frozen_students_base_only_where_it_computes_the_same(tmp_path, case, shares):
+    """Stage 2's distillation teacher (its init checkpoint's network) takes the frozen student's conv13 output
+    instead of computing its base again, with the very same outputs; a student whose base trains
+    (train.freeze=none) or differs from the teacher's by one weight does not share it and gets the teacher in full."""
+    from dataclasses import replace
+
+    from ablations.config import load_config
+    from ablations.runner import stage1_config
+    from lightning_modules.fit import initialise_weights
+    from lightning_modules.speed import prepare_module
+    from lightning_modules.training import LSTMSSDModule
+
+    cfg = load_config(["model.alpha=0.25", "model.input_size=64", "model.recurrent.type=bottleneck_lstm",
+                       "model.recurrent.after=[conv13]", "train.distill_steps=10", "train.init_from_ema=true"]
+                      + (["train.freeze=none"] if case == "trained base" else []))
+    single = stage1_config(cfg)
+    torch.manual_seed(0)
+    stage1 = LSTMSSDModule(single.model, single.train)
+    ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in stage1.net.state_dict().items()}
+    checkpoint = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": stage1.state_dict(), "ema_state_dict": ema, "hyper_parameters": dict(stage1.hparams)},
+               checkpoint)
+    train = replace(cfg.train, init_checkpoint=str(checkpoint))
+    module = LSTMSSDModule(cfg.model, train)
+    initialise_weights(module, train)
+    if case == "another base":
+        with torch.no_grad():
+            module.net.base["conv5"][0].weight[0, 0, 1, 1] += 1e-3
+    prepare_module(module, train)
+    module.train()
+    batch = {"images": torch.rand(3, 2, 3, 64, 64) * 2 - 1, "reset": torch.zeros(3, 2, dtype=torch.bool)}
+    batch["reset"][0] = True
+    boxes, logits, kept = module.training_forward(batch, step=0)
+    assert (kept is not None) == shares
+    teacher = module.teacher_outputs(batch, kept)
+    full = module.teacher(batch["images"], batch["reset"])
+    assert all(torch.equal(a, b) for a, b in zip(teacher, full))
+    reference, _, _ = module.net(batch["images"], None, batch["reset"])
+    assert torch.equal(boxes, reference)  # keeping the features changes nothing in the student
+    assert module.training_forward(batch, step=10)[2] is None  # distillation over: nothing kept
