@@ -7,7 +7,7 @@ come in as `Shot`s (`lightning_modules.detect` makes them from checkpoints).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -36,20 +36,27 @@ def _name(shot: Shot, label: int) -> str:
     return shot.names[label - 1] if 1 <= label <= len(shot.names) else f"class {label}"
 
 
+def _corners(box: Any, scale: int) -> Tuple[float, float, float, float]:
+    """A box's inclusive pixel corners scaled, ordered: a box under a pixel wide (one clipped at the frame's
+    border, say) comes out of the inclusive conversion with x1 = x0 - 1, which PIL refuses to draw."""
+    x0, y0, x1, y1 = (float(v) * scale for v in box)
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
 def draw_shot(shot: Shot, min_score: float = 0.3, scale: int = 3) -> Image.Image:
     """The frame enlarged `scale` times, ground truth in thin white (its class below the box) and the
     detections scoring >= min_score (MAX_BOXES at most) in their class colour, labelled `class score`."""
     image = shot.image.convert("RGB").resize((shot.image.width * scale, shot.image.height * scale), Image.BILINEAR)
     draw, font = ImageDraw.Draw(image), _font(10 + scale)
     for box, label in zip(shot.gt_boxes, shot.gt_labels):
-        x0, y0, x1, y1 = (float(v) * scale for v in box)
+        x0, y0, x1, y1 = _corners(box, scale)
         draw.rectangle((x0, y0, x1, y1), outline=GROUND_TRUTH, width=1)
         draw.text((x0 + 2, y1 - 12 - scale), _name(shot, int(label)), fill=GROUND_TRUTH, font=font)
     keep = shot.scores >= min_score
     best = sorted(zip(shot.boxes[keep], shot.scores[keep], shot.labels[keep]), key=lambda d: -d[1])[:MAX_BOXES]
     for box, score, label in reversed(best):  # the best drawn last, on top
         colour = PALETTE[int(label) % len(PALETTE)]
-        x0, y0, x1, y1 = (float(v) * scale for v in box)
+        x0, y0, x1, y1 = _corners(box, scale)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
         text = f"{_name(shot, int(label))} {score:.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)

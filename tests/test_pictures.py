@@ -86,3 +86,20 @@ def test_the_strip_takes_the_best_row_by_its_mean_over_seeds_at_one_seed(root, c
     write_strip(records, "val/vid_map50", True, tmp_path / "reports" / "s", tmp_path / "runs" / "s" / "extras")
     text = (tmp_path / "runs" / "s" / "extras" / STRIP_EXTRA).read_text()
     assert "baseline: none, seed 1" in text and "best: bottleneck_lstm, seed 1" in text
+
+
+def test_a_box_under_a_pixel_wide_is_drawn_not_refused():
+    """A detection clipped at the frame's border to zero width is x1 = x0 - 1 in inclusive pixels: the main job's
+    strip failed on one ('x1 must be greater than or equal to x0') and the report went without its picture."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from reports.pictures import draw_shot
+
+    degenerate = np.array([[63.0, 10.0, 62.0, 20.0], [5.0, 30.0, 9.0, 29.0]])
+    shot = SimpleNamespace(frame_index=0, image=Image.new("RGB", (64, 64)), gt_boxes=degenerate,
+                           gt_labels=np.array([1, 2]), boxes=degenerate, scores=np.array([0.9, 0.8]),
+                           labels=np.array([1, 2]), names=["a", "b"])
+    image = draw_shot(shot, min_score=0.5, scale=2)
+    assert image.size == (128, 128) and image.convert("L").getextrema()[1] > 0
