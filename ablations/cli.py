@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("suite", nargs="?", help="suite name")
     report.add_argument("--all", action="store_true", help="every suite with records, plus an index")
     report.add_argument("--runs-dir", default="runs", help="where the suites' records are (default: runs)")
-    report.add_argument("--out-dir", default="reports", help="where reports go (default: reports)")
+    report.add_argument("--report-dir", "--out-dir", dest="out_dir", default="reports",
+                        help="where reports go (default: reports; the same option as `tafm run`'s)")
     report.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
                         help="also log the table (and plots) to W&B (default: $WANDB_MODE, else offline)")
     report.set_defaults(func=_cmd_report)

@@ -101,6 +101,10 @@ def test_rerun_skips_finished_trials_and_status_and_report_work(smoke_run, capsy
     assert main(["report", "smoke", "--runs-dir", str(smoke_run), "--out-dir", str(tmp_path), "--wandb", "disabled"]) == 0
     report = (tmp_path / "smoke" / "README.md").read_text()
     assert "bottleneck_lstm" in report and "| 42.8 |" not in report  # alpha 0.25: no paper cell to compare
+    # `tafm run`'s own option works for `tafm report` too (it was only --out-dir: a usage error)
+    assert main(["report", "smoke", "--runs-dir", str(smoke_run), "--report-dir", str(tmp_path / "again"),
+                 "--wandb", "disabled"]) == 0
+    assert (tmp_path / "again" / "smoke" / "README.md").is_file()
 
 
 def test_a_suite_given_as_a_file_path_runs_and_writes_its_report(tmp_path):
