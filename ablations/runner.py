@@ -44,7 +44,7 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
 
 
 # keys added after stages were cached: hashed only when not at their default, so those stages keep their hash
-_HASHED_WHEN_SET = {"sweep.extra_stages": 0}
+_HASHED_WHEN_SET = {"sweep.extra_stages": 0, "train.recurrent_lr_factor": 1.0}
 # speed settings that keep the maths since their stages were cached: hashed at the value those stages had.
 # channels_last changed the BatchNorm sums until its statistics were summed exactly (speed.ExactNHWCBatchNorm2d)
 _HASHED_AS = {"train.channels_last": False}
@@ -53,6 +53,8 @@ _HASHED_AS = {"train.channels_last": False}
 def stage_hash(cfg: TafmConfig) -> str:
     flat = {k: _HASHED_AS.get(k, v) for k, v in to_flat_dict(cfg).items()
             if k not in _NOT_TRAINING and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
+    if not cfg.model.recurrent.after or cfg.model.recurrent.type == RecurrentType.none:
+        flat.pop("train.recurrent_lr_factor", None)  # no cell to apply it to: the single-frame SSD's own stage
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -76,7 +78,7 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     # stage 2's own settings (its warm start, what it freezes, which weights it starts from) do nothing in
     # stage 1: one stage 1 whatever their values
     defaults = TrainConfig()
-    for key in ("distill_steps", "distill_weight", "freeze", "freeze_through", "init_from_ema"):
+    for key in ("distill_steps", "distill_weight", "freeze", "freeze_through", "init_from_ema", "recurrent_lr_factor"):
         setattr(single.train, key, getattr(defaults, key))
     if cfg.sweep.stage1_max_steps is not None:
         single.train.max_steps = cfg.sweep.stage1_max_steps

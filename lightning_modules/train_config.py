@@ -50,6 +50,8 @@ class TrainConfig:
     # init checkpoint's network on the same frames (lightning_modules/distill.py); 0 disables
     distill_steps: int = 0
     distill_weight: float = 1.0
+    # the recurrent cells' learning rate is lr x this (not in the paper): in stage 2 they are the only fresh layers
+    recurrent_lr_factor: float = 1.0
     # evaluation post-processing (reproduction notes Sec. 4)
     score_threshold: float = 0.01
     nms_iou: float = 0.5
@@ -86,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
+        if not self.recurrent_lr_factor > 0:
+            raise ValueError(f"train.recurrent_lr_factor must be > 0, got {self.recurrent_lr_factor}")
         for key in ("epsilon", "weight_decay", "grad_clip_norm", "loc_weight", "max_negatives_per_positive",
                     "score_threshold", "distill_steps", "distill_weight"):
             if getattr(self, key) < 0:

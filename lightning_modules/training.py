@@ -137,10 +137,19 @@ class LSTMSSDModule(pl.LightningModule):
     def configure_optimizers(self) -> Dict[str, Any]:
         """RMSpropTF with L2 on conv weights only (TF regularizers), lr x0.95 every 200k steps."""
         cfg = self.train_cfg
+        lr = resolve_lr(cfg, self.model_cfg)
         trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for _, p in trainable if p.ndim == 4], "weight_decay": cfg.weight_decay},
-                  {"params": [p for _, p in trainable if p.ndim != 4], "weight_decay": 0.0}]
-        optimizer = RMSpropTF([g for g in groups if g["params"]], lr=resolve_lr(cfg, self.model_cfg),
+        # the recurrent cells may learn at their own rate (train.recurrent_lr_factor); at 1 the groups are the
+        # two they always were, so an optimiser state saved before the factor existed still loads
+        split = cfg.recurrent_lr_factor != 1.0
+        groups = []
+        for cell in ((False, True) if split else (None,)):
+            mine = [(n, p) for n, p in trainable if cell is None or n.startswith("cells.") == cell]
+            group_lr = lr * cfg.recurrent_lr_factor if cell else lr
+            groups += [{"params": [p for _, p in mine if p.ndim == 4], "weight_decay": cfg.weight_decay,
+                        "lr": group_lr},
+                       {"params": [p for _, p in mine if p.ndim != 4], "weight_decay": 0.0, "lr": group_lr}]
+        optimizer = RMSpropTF([g for g in groups if g["params"]], lr=lr,
                               decay=cfg.rms_decay, momentum=cfg.momentum, epsilon=cfg.epsilon)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, paper_lr_lambda(cfg.lr_decay_steps,
                                                                                  cfg.lr_decay_factor))

@@ -192,6 +192,20 @@ def test_speed_settings_and_stage2_warm_start_do_not_split_the_stage_cache():
     assert runner.stage_hash(runner.stage1_config(base)) == runner.stage_hash(runner.stage1_config(nhwc))
 
 
+def test_recurrent_lr_factor_splits_only_the_stages_with_a_cell():
+    keys = ["model.recurrent.after=[conv13]", "train.max_steps=4", "sweep.stage1_max_steps=6",
+            "sweep.single_frame_stage2=True"]
+    gru, faster = load_config(keys + ["model.recurrent.type=gru"]), load_config(
+        keys + ["model.recurrent.type=gru", "train.recurrent_lr_factor=3.0"])
+    assert runner.stage_hash(gru) != runner.stage_hash(faster)
+    assert runner.stage_hash(gru) == runner.stage_hash(
+        load_config(keys + ["model.recurrent.type=gru", "train.recurrent_lr_factor=1.0"]))  # stages cached before it
+    assert runner.stage_hash(runner.stage1_config(gru)) == runner.stage_hash(runner.stage1_config(faster))
+    control = ["model.recurrent.type=none", "model.recurrent.after=[]", "train.max_steps=4"]
+    assert runner.stage_hash(load_config(control)) == runner.stage_hash(
+        load_config(control + ["train.recurrent_lr_factor=3.0"]))  # no cell: the control's stage is shared
+
+
 def test_stage1_cue_prob_trains_stage1_on_the_synthetic_twin(tmp_path):
     """sweep.stage1_cue_prob: stage 1 is the very stage 1 of a suite run on the twin (data.synthetic_cue_prob);
     stage 2 stays on the benchmark; a real dataset (no generator manifest) trains stage 1 on itself."""

@@ -110,6 +110,21 @@ def test_optimizer_holds_trainable_parameters_with_l2_on_conv_weights_only():
     assert all(p.ndim != 4 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
 
 
+def test_recurrent_lr_factor_gives_the_cells_their_own_rate():
+    module = LSTMSSDModule(tiny(), TrainConfig(init_checkpoint="x.ckpt", lr=0.001, recurrent_lr_factor=3.0))
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    cells = {id(p) for p in module.net.cells.parameters()}
+    assert cells and all(p.requires_grad for p in module.net.cells.parameters())
+    for group in groups:
+        inside = {id(p) in cells for p in group["params"]}
+        assert len(inside) == 1  # a group holds cell parameters only or none
+        assert group["lr"] == pytest.approx(0.003 if inside == {True} else 0.001)
+    held = {id(p) for g in groups for p in g["params"]}
+    assert held == {id(p) for p in module.parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="train.recurrent_lr_factor must be > 0"):
+        TrainConfig(recurrent_lr_factor=0.0).validate()
+
+
 def test_train_config_defaults_and_errors():
     assert resolve_lr(TrainConfig(), ModelConfig(alpha=1.0)) == 0.003
     assert resolve_lr(TrainConfig(), ModelConfig(alpha=0.5, input_size=256)) == 0.002
