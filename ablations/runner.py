@@ -44,7 +44,7 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
 
 
 # keys added after stages were cached: hashed only when not at their default, so those stages keep their hash
-_HASHED_WHEN_SET = {"sweep.extra_stages": 0, "train.recurrent_lr_factor": 1.0}
+_HASHED_WHEN_SET = {"sweep.extra_stages": 0, "train.recurrent_lr_factor": 1.0, "sweep.stage1_ema_decay": None}
 # speed settings that keep the maths since their stages were cached: hashed at the value those stages had.
 # channels_last changed the BatchNorm sums until its statistics were summed exactly (speed.ExactNHWCBatchNorm2d)
 _HASHED_AS = {"train.channels_last": False}
@@ -84,6 +84,8 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
         single.train.max_steps = cfg.sweep.stage1_max_steps
     if cfg.sweep.stage1_lr is not None:
         single.train.lr = cfg.sweep.stage1_lr
+    if cfg.sweep.stage1_ema_decay is not None:
+        single.train.ema_decay = cfg.sweep.stage1_ema_decay
     if cfg.sweep.stage1_clip_length is not None:
         single.data.clip_length = cfg.sweep.stage1_clip_length
     if cfg.sweep.stage1_batch_size is not None:

@@ -206,6 +206,19 @@ def test_recurrent_lr_factor_splits_only_the_stages_with_a_cell():
         load_config(control + ["train.recurrent_lr_factor=3.0"]))  # no cell: the control's stage is shared
 
 
+def test_stage1_ema_decay_sets_stage1s_ema_only():
+    keys = ["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
+            "sweep.stage1_max_steps=6", "train.ema_decay=0.98"]
+    plain, smooth = load_config(keys), load_config(keys + ["sweep.stage1_ema_decay=0.995"])
+    assert runner.stage1_config(smooth).train.ema_decay == 0.995 and smooth.train.ema_decay == 0.98
+    assert runner.stage1_config(plain).train.ema_decay == 0.98
+    assert runner.stage_hash(runner.stage1_config(plain)) != runner.stage_hash(runner.stage1_config(smooth))
+    assert runner.stage_hash(plain) != runner.stage_hash(smooth)  # its stage 2 starts from another stage 1
+    assert runner.stage_hash(plain) == runner.stage_hash(load_config(keys + ["sweep.stage1_ema_decay=null"]))
+    with pytest.raises(ValueError, match="sweep.stage1_ema_decay must be in"):
+        load_config(keys + ["sweep.stage1_ema_decay=1.0"])
+
+
 def test_stage1_cue_prob_trains_stage1_on_the_synthetic_twin(tmp_path):
     """sweep.stage1_cue_prob: stage 1 is the very stage 1 of a suite run on the twin (data.synthetic_cue_prob);
     stage 2 stays on the benchmark; a real dataset (no generator manifest) trains stage 1 on itself."""
