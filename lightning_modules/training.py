@@ -141,14 +141,13 @@ class LSTMSSDModule(pl.LightningModule):
         trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
         # the recurrent cells may learn at their own rate (train.recurrent_lr_factor); at 1 the groups are the
         # two they always were, so an optimiser state saved before the factor existed still loads
-        split = cfg.recurrent_lr_factor != 1.0
-        groups = []
-        for cell in ((False, True) if split else (None,)):
-            mine = [(n, p) for n, p in trainable if cell is None or n.startswith("cells.") == cell]
-            group_lr = lr * cfg.recurrent_lr_factor if cell else lr
-            groups += [{"params": [p for _, p in mine if p.ndim == 4], "weight_decay": cfg.weight_decay,
-                        "lr": group_lr},
-                       {"params": [p for _, p in mine if p.ndim != 4], "weight_decay": 0.0, "lr": group_lr}]
+        parts = [(lr, [p for _, p in trainable])]
+        if cfg.recurrent_lr_factor != 1.0:
+            parts = [(lr, [p for n, p in trainable if not n.startswith("cells.")]),
+                     (lr * cfg.recurrent_lr_factor, [p for n, p in trainable if n.startswith("cells.")])]
+        groups = [group for part_lr, params in parts for group in (
+            {"params": [p for p in params if p.ndim == 4], "weight_decay": cfg.weight_decay, "lr": part_lr},
+            {"params": [p for p in params if p.ndim != 4], "weight_decay": 0.0, "lr": part_lr})]
         optimizer = RMSpropTF([g for g in groups if g["params"]], lr=lr,
                               decay=cfg.rms_decay, momentum=cfg.momentum, epsilon=cfg.epsilon)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, paper_lr_lambda(cfg.lr_decay_steps,
