@@ -49,10 +49,6 @@ PROFILE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "synthetic": {
         "model.bn_momentum": 0.1,  # short runs: BatchNorm statistics must follow in hundreds of steps
         "model.reduce_boxes_in_lowest_layer": False,  # square anchors at 0.2 and 0.28 on the first map
-        # RetinaNet's prior initialisation of the class heads: stage 1 skips ~250 steps of clipped gradients
-        # pushing every anchor's logits down (class loss ~120 at the start without it), and every recurrent
-        # row gains 7-11 points (README "The class prior")
-        "model.class_prior": 0.01,
         "model.recurrent.init": "identity",  # stage 2 starts from the single-frame network's function
         "model.recurrent.same_width": True,  # the Bottleneck-LSTM keeps FM1's and the heads' stage-1 weights
         "train.epsilon": 0.0001,  # RMSprop with a small epsilon: adaptive per weight
