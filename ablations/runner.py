@@ -86,6 +86,8 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
         single.train.lr = cfg.sweep.stage1_lr
     if cfg.sweep.stage1_ema_decay is not None:
         single.train.ema_decay = cfg.sweep.stage1_ema_decay
+        # hashed by the EMA it trains with: stage 2's own train.ema_decay can vary over cached stage 1s
+        single.sweep.stage1_ema_decay = None
     if cfg.sweep.stage1_clip_length is not None:
         single.data.clip_length = cfg.sweep.stage1_clip_length
     if cfg.sweep.stage1_batch_size is not None:

@@ -217,6 +217,10 @@ def test_stage1_ema_decay_sets_stage1s_ema_only():
     assert runner.stage_hash(plain) == runner.stage_hash(load_config(keys + ["sweep.stage1_ema_decay=null"]))
     with pytest.raises(ValueError, match="sweep.stage1_ema_decay must be in"):
         load_config(keys + ["sweep.stage1_ema_decay=1.0"])
+    # stage 2's own EMA varied over one stage 1: stage 1 is hashed by the EMA it trains with, not by the key
+    fast = load_config(keys[:-1] + ["train.ema_decay=0.9", "sweep.stage1_ema_decay=0.98"])
+    assert runner.stage_hash(runner.stage1_config(fast)) == runner.stage_hash(runner.stage1_config(plain))
+    assert runner.stage_hash(fast) != runner.stage_hash(plain)
 
 
 def test_stage1_cue_prob_trains_stage1_on_the_synthetic_twin(tmp_path):
