@@ -24,6 +24,7 @@ class SweepConfig:
     stage1_max_steps: Optional[int] = None  # stage-1 length; None: train.max_steps
     stage1_lr: Optional[float] = None  # None: train.lr
     stage1_ema_decay: Optional[float] = None  # stage 1's weight EMA (what it is scored with); None: train.ema_decay
+    stage1_rms_init: Optional[float] = None  # stage 1's RMSprop mean square at step 0; None: train.rms_init
     stage1_clip_length: Optional[int] = None  # single-frame stage: short clips, more videos per step; None: data.clip_length
     stage1_batch_size: Optional[int] = None  # None: data.batch_size
     stage1_data_root: Optional[str] = None  # stage 1 trains (and is scored) on this dataset; None: data.root
@@ -53,6 +54,8 @@ class SweepConfig:
         if self.stage1_ema_decay is not None and not 0.0 <= self.stage1_ema_decay < 1.0:
             raise ValueError(f"sweep.stage1_ema_decay must be in [0, 1) (0 disables the EMA) or null "
                              f"(train.ema_decay), got {self.stage1_ema_decay}")
+        if self.stage1_rms_init is not None and not self.stage1_rms_init >= 0:
+            raise ValueError(f"sweep.stage1_rms_init must be >= 0 or null (train.rms_init), got {self.stage1_rms_init}")
         if self.control_stages < 1:
             raise ValueError(f"sweep.control_stages must be >= 1 (stages of train.max_steps), got {self.control_stages}")
         if self.extra_stages < 0:

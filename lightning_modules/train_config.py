@@ -28,6 +28,7 @@ class TrainConfig:
     # optimiser: TF1 RMSprop (paper Sec. 4.1; reproduction notes Sec. 4)
     lr: Optional[float] = None  # None: 0.003 when model.alpha >= 1, else 0.002 (paper Sec. 4.1)
     rms_decay: float = 0.9
+    rms_init: float = 1.0  # RMSprop's mean square at step 0 (TF: 1, slow first ~50 steps; PyTorch: 0)
     momentum: float = 0.9
     epsilon: float = 1.0
     weight_decay: float = 4e-5  # TF l2_regularizer scale, on conv weights only
@@ -90,7 +91,7 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
         if not self.recurrent_lr_factor > 0:
             raise ValueError(f"train.recurrent_lr_factor must be > 0, got {self.recurrent_lr_factor}")
-        for key in ("epsilon", "weight_decay", "grad_clip_norm", "loc_weight", "max_negatives_per_positive",
+        for key in ("epsilon", "rms_init", "weight_decay", "grad_clip_norm", "loc_weight", "max_negatives_per_positive",
                     "score_threshold", "distill_steps", "distill_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")

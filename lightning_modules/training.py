@@ -149,7 +149,8 @@ class LSTMSSDModule(pl.LightningModule):
             {"params": [p for p in params if p.ndim == 4], "weight_decay": cfg.weight_decay, "lr": part_lr},
             {"params": [p for p in params if p.ndim != 4], "weight_decay": 0.0, "lr": part_lr})]
         optimizer = RMSpropTF([g for g in groups if g["params"]], lr=lr,
-                              decay=cfg.rms_decay, momentum=cfg.momentum, epsilon=cfg.epsilon)
+                              decay=cfg.rms_decay, momentum=cfg.momentum, epsilon=cfg.epsilon,
+                              initial_mean_square=cfg.rms_init)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, paper_lr_lambda(cfg.lr_decay_steps,
                                                                                  cfg.lr_decay_factor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -223,6 +223,21 @@ def test_stage1_ema_decay_sets_stage1s_ema_only():
     assert runner.stage_hash(fast) != runner.stage_hash(plain)
 
 
+def test_stage1_rms_init_keeps_stage1_while_stage2_starts_at_full_steps():
+    keys = ["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
+            "sweep.stage1_max_steps=6"]
+    plain = load_config(keys)
+    quick_start = load_config(keys + ["train.rms_init=0.0", "sweep.stage1_rms_init=1.0"])
+    assert quick_start.train.rms_init == 0.0 and runner.stage1_config(quick_start).train.rms_init == 1.0
+    assert runner.stage_hash(runner.stage1_config(quick_start)) == runner.stage_hash(runner.stage1_config(plain))
+    assert runner.stage_hash(quick_start) != runner.stage_hash(plain)
+    assert runner.stage_hash(plain) == runner.stage_hash(load_config(keys + ["train.rms_init=1.0"]))  # cached stages
+    with pytest.raises(ValueError, match="sweep.stage1_rms_init must be >= 0"):
+        load_config(keys + ["sweep.stage1_rms_init=-1.0"])
+    with pytest.raises(ValueError, match="train.rms_init must be >= 0"):
+        load_config(keys + ["train.rms_init=-1.0"])
+
+
 def test_stage1_cue_prob_trains_stage1_on_the_synthetic_twin(tmp_path):
     """sweep.stage1_cue_prob: stage 1 is the very stage 1 of a suite run on the twin (data.synthetic_cue_prob);
     stage 2 stays on the benchmark; a real dataset (no generator manifest) trains stage 1 on itself."""
