@@ -63,6 +63,9 @@ class CellInit(Enum):
 
     random = "random"  # He-normal, like every other convolution
     identity = "identity"  # output = input (as far as the widths allow): stage 2 starts from stage 1's function
+    # identity, but the memory gates keep 1 - averaging_weight of the state each frame (forget 0.25, input 0.75 at
+    # the paper's weight): the cell starts as an exponential average of the features instead of forgetting all
+    leaky = "leaky"
 
 
 class WidthRule(Enum):

@@ -161,9 +161,11 @@ class LSTMSSD(nn.Module):
             self.heads_class.append(_prediction_block(cin, k * (cfg.num_classes + 1), bn))
         self.cell_order = [s.name for s in self.plan if s.kind == "cell"] + [k for ks in self.output_cells for k in ks]
         self._init_weights()
-        if cfg.recurrent.init == CellInit.identity:
+        if cfg.recurrent.init in (CellInit.identity, CellInit.leaky):
             for cell in self.cells.values():
                 cell.init_identity()
+                if cfg.recurrent.init == CellInit.leaky:
+                    cell.init_memory(1.0 - cfg.recurrent.averaging_weight)
 
     def _init_weights(self) -> None:
         """He-normal (fan-in) convolutions, zero biases, unit BatchNorm: keeps activations alive

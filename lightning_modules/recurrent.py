@@ -8,6 +8,7 @@ component it is counted in (`cost_group`); `@register_cell(name)` on a builder m
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -81,6 +82,12 @@ class RecurrentCell(nn.Module):
         the single-frame network's function and learns what to carry over from there."""
         raise NotImplementedError
 
+    def init_memory(self, keep: float) -> None:
+        """After init_identity (model.recurrent.init=leaky): set the memory gates' biases so that each frame keeps
+        `keep` of the state and takes 1 - keep of the new value, an exponential average of the identity's output."""
+        raise NotImplementedError(f"{type(self).__name__} has no memory gates for model.recurrent.init=leaky; "
+                                  f"use identity or random")
+
 
 class BottleneckLSTM(RecurrentCell):
     """Bottleneck-LSTM (paper Eq. 2, Fig. 3; the released cell).
@@ -127,6 +134,20 @@ class BottleneckLSTM(RecurrentCell):
         _pass_through(self.gates_dw)
         _gates_identity(self.gates_pw, n, self.forget_bias)
 
+    def init_memory(self, keep: float) -> None:
+        _lstm_memory(self.gates_pw, self.out_channels, self.forget_bias, keep)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+@torch.no_grad()
+def _lstm_memory(conv: nn.Conv2d, n: int, forget_bias: float, keep: float) -> None:
+    """LSTM gates of `_gates_identity`, with input gate 1 - keep and forget gate keep (after forget_bias)."""
+    _gate(conv, slice(0, n), _logit(1.0 - keep))
+    _gate(conv, slice(2 * n, 3 * n), _logit(keep) - forget_bias)
+
 
 def _gates_identity(conv: nn.Conv2d, n: int, forget_bias: float) -> None:
     """LSTM gates i, j, f, o of one 1x1 conv over an input whose first n channels are the new value:
@@ -164,6 +185,9 @@ class ConvLSTM(RecurrentCell):
         _pass_through(self.dw)
         _gates_identity(self.pw, self.out_channels, self.forget_bias)
 
+    def init_memory(self, keep: float) -> None:
+        _lstm_memory(self.pw, self.out_channels, self.forget_bias, keep)
+
 
 class ConvGRU(RecurrentCell):
     """Convolutional GRU (paper Table 3): separable [x, h] -> (z, r); separable [x, r*h] -> candidate."""
@@ -197,6 +221,10 @@ class ConvGRU(RecurrentCell):
         _pass_through(self.candidate_dw)
         _project(self.candidate_pw, slice(0, m), m)
 
+    def init_memory(self, keep: float) -> None:
+        """z (the share of the candidate) 1 - keep; r stays open."""
+        _gate(self.gates_pw, slice(0, self.out_channels), _logit(1.0 - keep))
+
 
 class Averaging(RecurrentCell):
     """Weighted feature averaging baseline (paper Sec. 4.2): w * x_t + (1 - w) * x_{t-1}.
@@ -222,6 +250,9 @@ class Averaging(RecurrentCell):
 
     def init_identity(self) -> None:
         """Nothing to learn: averaging is what it is."""
+
+    def init_memory(self, keep: float) -> None:
+        """Its weight is model.recurrent.averaging_weight already."""
 
 
 CellBuilder = Callable[[int, int, RecurrentConfig], RecurrentCell]

@@ -62,6 +62,35 @@ def test_identity_cell_passes_its_input_through(kind):
         assert torch.corrcoef(torch.stack([out.flatten(), x[t].flatten()]))[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "bottleneck_lstm"])
+def test_leaky_cell_averages_its_inputs_over_frames(kind):
+    """init=leaky: the identity's output on a constant input, and a quarter of the last frame carried into a blank
+    one (the paper's averaging weight 0.75), where the identity start carries almost nothing."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 64, 2, 2) * 3 + 1  # inside ReLU6's linear range
+    carried = {}
+    for init in (CellInit.identity, CellInit.leaky):
+        recurrent = RecurrentConfig(type=RecurrentType(kind), activation=Activation.relu6, init=init)
+        net = create_model(ModelConfig(alpha=0.25, alpha_lstm=0.25, input_size=64, recurrent=recurrent))
+        cell = net.cells["conv13_0"]
+        x = x[:, :1].expand(-1, cell.in_channels, -1, -1).contiguous()
+        state = cell.zero_state(x)
+        with torch.no_grad():
+            for _ in range(12):  # a constant input: the state settles at the input's value
+                steady, state = cell(x, state)
+            blank, _ = cell(torch.zeros_like(x), state)
+        carried[init] = float((blank / steady).mean())
+        assert torch.corrcoef(torch.stack([steady.flatten(), x.flatten()]))[0, 1] > 0.99
+    assert carried[CellInit.identity] < 0.06
+    assert 0.2 < carried[CellInit.leaky] < 0.3, carried
+
+
+def test_leaky_init_names_a_cell_without_memory_gates():
+    from lightning_modules.recurrent import RecurrentCell
+    with pytest.raises(NotImplementedError, match="RecurrentCell has no memory gates"):
+        RecurrentCell().init_memory(0.25)
+
+
 def test_identity_stage2_starts_from_the_single_frame_network():
     """Loaded into a GRU stage 2, stage 1's weights predict almost what they did without the cell."""
     torch.manual_seed(0)
