@@ -133,7 +133,9 @@ def tiny_root(tmp_path_factory):
 
 def test_the_cpu_recipe_overfits_every_cell_type(tiny_root, tmp_path):
     """quick's synthetic profile (the recipe) at 64 px on 2 videos, scored on those videos: stage 1 and
-    then each recurrent type's stage 2 (identity cell, distillation warm start) learn the clips."""
+    then each recurrent type's stage 2 (leaky cell, distillation warm start) learn the clips. Stage 2 at 2.5x the
+    recipe's lr to learn in 60 steps: at 5x (0.003), with RMSprop's full-size first updates (train.rms_init 0) and
+    the leaky start together, the Bottleneck-LSTM scored 0.20 here (0.49-0.50 with either alone, 0.55 at 0.0006)."""
     import json
 
     from ablations.runner import trained_stage
@@ -142,7 +144,7 @@ def test_the_cpu_recipe_overfits_every_cell_type(tiny_root, tmp_path):
 
     suite = load_suite("quick")
     scale = [f"data.root={tiny_root}", "model.input_size=64", "sweep.stage1_max_steps=300", "sweep.stage1_lr=0.01",
-             "train.lr=0.003", "train.max_steps=60", "train.distill_steps=20", "data.val_split=train",
+             "train.lr=0.0015", "train.max_steps=60", "train.distill_steps=20", "data.val_split=train",
              "data.minival_frames=20", "data.clip_length=5", "train.lr_decay_steps=200"]
     scores = {}
     for point in suite.points:
@@ -155,7 +157,7 @@ def test_the_cpu_recipe_overfits_every_cell_type(tiny_root, tmp_path):
     print({k: round(v, 3) for k, v in scores.items()})
     assert scores["start"] < 0.05
     for kind in ("none", "averaging", "lstm", "gru", "bottleneck_lstm"):
-        assert scores[kind] > scores["start"] + 0.3, kind  # measured 0.52-0.56 for every type (start 0.0)
+        assert scores[kind] > scores["start"] + 0.3, kind  # measured 0.53-0.62 for every type (start 0.0)
 
 
 @pytest.mark.parametrize("case, shares", [("frozen", True), ("trained base", False), ("another base", False)])
