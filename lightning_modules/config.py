@@ -192,6 +192,11 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.recurrent.averaging_weight must be in [0, 1], got {cfg.recurrent.averaging_weight}"
         )
+    if cfg.recurrent.init == CellInit.leaky and not 0.0 < cfg.recurrent.averaging_weight < 1.0:
+        raise ValueError(
+            f"model.recurrent.init=leaky keeps 1 - model.recurrent.averaging_weight of a cell's state: the weight "
+            f"must be in (0, 1), got {cfg.recurrent.averaging_weight} (for no memory use init=identity)"
+        )
 
 
 def as_config(cls: type, value: Any) -> Any:

@@ -83,10 +83,9 @@ class RecurrentCell(nn.Module):
         raise NotImplementedError
 
     def init_memory(self, keep: float) -> None:
-        """After init_identity (model.recurrent.init=leaky): set the memory gates' biases so that each frame keeps
-        `keep` of the state and takes 1 - keep of the new value, an exponential average of the identity's output."""
-        raise NotImplementedError(f"{type(self).__name__} has no memory gates for model.recurrent.init=leaky; "
-                                  f"use identity or random")
+        """After init_identity (model.recurrent.init=leaky, the synthetic profile's): set the memory gates' biases
+        so that each frame keeps `keep` of the state and takes 1 - keep of the new value, an exponential average
+        of the identity's output. Optional: a cell without memory gates to set keeps its identity start."""
 
 
 class BottleneckLSTM(RecurrentCell):

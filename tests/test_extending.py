@@ -56,6 +56,16 @@ def root(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("synth") / "vid", cfg, progress=False)
 
 
+def test_a_cell_without_memory_gates_keeps_its_identity_start_under_leaky(toy):
+    """The synthetic profile starts cells leaky; a registered cell that has no init_memory builds as its identity."""
+    from lightning_modules.config import CellInit
+    from lightning_modules.network import create_model
+
+    recurrent = RecurrentConfig(type=RecurrentType[toy], after=["conv13"], init=CellInit.leaky)
+    net = create_model(ModelConfig(alpha=0.25, input_size=64, recurrent=recurrent))
+    assert isinstance(net.cells["conv13_0"], ToyCell)
+
+
 def _model(kind: str) -> ModelConfig:
     return ModelConfig(alpha=0.25, input_size=64, recurrent=RecurrentConfig(type=RecurrentType[kind], after=["conv13"]))
 

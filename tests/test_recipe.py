@@ -85,10 +85,12 @@ def test_leaky_cell_averages_its_inputs_over_frames(kind):
     assert 0.2 < carried[CellInit.leaky] < 0.3, carried
 
 
-def test_leaky_init_names_a_cell_without_memory_gates():
-    from lightning_modules.recurrent import RecurrentCell
-    with pytest.raises(NotImplementedError, match="RecurrentCell has no memory gates"):
-        RecurrentCell().init_memory(0.25)
+def test_leaky_init_needs_a_weight_between_0_and_1():
+    from lightning_modules.config import validate_model
+    for weight in (0.0, 1.0):
+        recurrent = RecurrentConfig(type=RecurrentType.gru, init=CellInit.leaky, averaging_weight=weight)
+        with pytest.raises(ValueError, match="model.recurrent.init=leaky keeps 1 - model.recurrent.averaging_weight"):
+            validate_model(ModelConfig(alpha=0.25, input_size=64, recurrent=recurrent))
 
 
 def test_identity_stage2_starts_from_the_single_frame_network():
