@@ -12,13 +12,13 @@ from lightning_modules.optim import RMSpropTF, paper_lr_lambda
 
 
 def _tf_rmsprop_two_steps(w: float, grads: list[float], lr: float, weight_decay: float = 0.0,
-                          ms: float = 1.0) -> float:
-    """Hand computation of TF1 ApplyRMSProp (ms starts at 1 unless given, epsilon 1 inside the sqrt)."""
+                          ms: float = 1.0, epsilon: float = 1.0) -> float:
+    """Hand computation of TF1 ApplyRMSProp (ms starts at 1 and epsilon 1 inside the sqrt unless given)."""
     mom = 0.0
     for g in grads:
         g = g + weight_decay * w
         ms = 0.9 * ms + 0.1 * g * g
-        mom = 0.9 * mom + lr * g / math.sqrt(ms + 1.0)
+        mom = 0.9 * mom + lr * g / math.sqrt(ms + epsilon)
         w = w - mom
     return w
 
@@ -46,22 +46,13 @@ def test_two_steps_match_tf_hand_computation() -> None:
 def test_initial_mean_square_sets_the_first_steps_size() -> None:
     """TF's ms of one keeps the first updates at about lr * g; 0 (PyTorch's start) makes them lr-sized."""
     got = _run(RMSpropTF, 1.0, 0.01, 2, lr=0.1, epsilon=1e-4, initial_mean_square=0.0)
-    assert got == pytest.approx(_tf_rmsprop_two_steps_eps(1.0, [0.01, 0.01], 0.1, ms=0.0), rel=1e-6)
+    assert got == pytest.approx(_tf_rmsprop_two_steps(1.0, [0.01, 0.01], 0.1, ms=0.0, epsilon=1e-4), rel=1e-6)
     tf_start = _run(RMSpropTF, 1.0, 0.01, 1, lr=0.1, epsilon=1e-4)
     zero_start = _run(RMSpropTF, 1.0, 0.01, 1, lr=0.1, epsilon=1e-4, initial_mean_square=0.0)
     assert 1.0 - tf_start == pytest.approx(0.1 * 0.01 / math.sqrt(0.9 + 1e-5 + 1e-4), rel=1e-4)  # ~lr / 100
     assert 1.0 - zero_start == pytest.approx(0.1 * 0.01 / math.sqrt(1e-5 + 1e-4), rel=1e-4)  # ~lr
     with pytest.raises(ValueError, match="initial_mean_square"):
         RMSpropTF([torch.nn.Parameter(torch.zeros(1))], lr=0.1, initial_mean_square=-1.0)
-
-
-def _tf_rmsprop_two_steps_eps(w: float, grads: list[float], lr: float, ms: float, epsilon: float = 1e-4) -> float:
-    mom = 0.0
-    for g in grads:
-        ms = 0.9 * ms + 0.1 * g * g
-        mom = 0.9 * mom + lr * g / math.sqrt(ms + epsilon)
-        w = w - mom
-    return w
 
 
 def test_weight_decay_is_l2_on_the_gradient() -> None:
