@@ -187,13 +187,13 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
     directory = stage_directory(cfg, runs_dir)
     done = directory / DONE
     if done.is_file():
-        return Path(json.loads(done.read_text())["checkpoint"])
+        return done_checkpoint(directory)
     parent = _parent(cfg)
     init = trained_stage(parent, runs_dir, log, tracking=tracking) if parent is not None else None
     lock = directory.with_suffix(".lock")
     with stage_lock(lock, mark_waiting=cfg.sweep.lend_idle_cores):
         if done.is_file():  # another worker trained it while we waited
-            return Path(json.loads(done.read_text())["checkpoint"])
+            return done_checkpoint(directory)
         stage = copy.deepcopy(cfg)
         stage.train.out_dir = str(directory)
         stage.train.init_checkpoint = str(init) if init else None
@@ -209,9 +209,25 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
                          callbacks=[TrainProgress(log=log), *lend, *callbacks], loggers=loggers)
         (directory / "config.json").write_text(json.dumps(to_flat_dict(stage), indent=1, default=str))
         tmp = done.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"checkpoint": str(result.checkpoint), "metrics": result.metrics}))
+        # relative to the stage's own directory: the cache serves runs from any working directory, and moved
+        checkpoint = os.path.relpath(Path(result.checkpoint).resolve(), directory.resolve())
+        tmp.write_text(json.dumps({"checkpoint": checkpoint, "metrics": result.metrics}))
         os.replace(tmp, done)
         return result.checkpoint
+
+
+def done_checkpoint(directory: Path) -> Path:
+    """The checkpoint a finished stage's done.json names. Stages written before it was stored relative to
+    `directory` name it relative to the working directory of the run that trained it: found in
+    `directory` by the same relative path's tail, so a cache copied, linked or read from elsewhere serves."""
+    stored = Path(json.loads((directory / DONE).read_text())["checkpoint"])
+    candidates = [stored] if stored.is_absolute() else [directory / stored, stored]
+    candidates.append(directory / "checkpoints" / stored.name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{directory / DONE} names checkpoint {stored}, which is not in {directory}: "
+                            f"delete {directory} to train that stage again")
 
 
 def _describe(cfg: TafmConfig) -> str:

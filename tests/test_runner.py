@@ -49,6 +49,25 @@ def test_single_frame_control_is_finetuned_like_a_stage2_from_the_shared_stage1(
     assert control != lstm and len(fits) == 3  # stage 1 trained once
 
 
+def test_a_cached_stage_serves_runs_from_another_working_directory_and_after_a_move(fits, tmp_path, monkeypatch):
+    """done.json names its checkpoint relative to the stage's directory; one written relative to the working
+    directory of the run that trained it (older caches) is found in the stage's directory all the same."""
+    monkeypatch.chdir(tmp_path)
+    trained_stage(_cfg("none", "true"), Path("runs"), log=lambda s: None)  # a relative runs dir, as the default
+    moved = tmp_path / "elsewhere" / "runs"
+    moved.parent.mkdir()
+    Path("runs").rename(moved)
+    monkeypatch.chdir(moved.parent.parent.parent)
+    found = trained_stage(_cfg("none", "true"), moved, log=lambda s: None)
+    assert len(fits) == 2 and found.is_file() and found.parent.parent.parent == moved / runner.STAGES_DIR
+    done = found.parent.parent / runner.DONE
+    done.write_text(done.read_text().replace('"checkpoints/', f'"runs/{runner.STAGES_DIR}/{found.parent.parent.name}/checkpoints/'))
+    assert trained_stage(_cfg("none", "true"), moved, log=lambda s: None) == found and len(fits) == 2  # older cache
+    found.unlink()
+    with pytest.raises(FileNotFoundError, match=f"delete .*{found.parent.parent.name}"):
+        trained_stage(_cfg("none", "true"), moved, log=lambda s: None)
+
+
 def test_control_stages_give_the_control_the_progressive_rows_steps(fits, tmp_path):
     """Table 5's LSTM-SSD trains 5 progressive stages of train.max_steps; with sweep.control_stages=5 its
     control finetunes for as many steps, and the recurrent rows' stages are the ones they always were."""
