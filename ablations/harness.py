@@ -349,9 +349,12 @@ class _Claimed:
 class GridPoints:
     """Hands out the suite's grid (x seeds): every key exactly once, a dead worker's key again."""
 
-    def __init__(self, suite: Suite, options: RunOptions, study: optuna.Study, log: Callable[[str], None]):
+    def __init__(self, suite: Suite, options: RunOptions, study: optuna.Study, log: Callable[[str], None],
+                 cost: Optional[Callable[[Dict[str, Any]], float]] = None):
         self.suite, self.options, self.study, self.log = suite, options, study, log
         self.keys = grid_keys(suite, options)
+        if cost is not None:
+            self.keys = longest_first(self.keys, lambda point: cost(suite.delta(options.profile, point.overrides)))
         self.total = len(self.keys)
 
     def claim(self) -> Optional[optuna.trial.Trial]:
@@ -367,6 +370,17 @@ class GridPoints:
         run_dir = suite_dir(self.suite, self.options) / "trials" / key
         ctx = TrialContext(self.suite, key, point, seed, point.labels, run_dir, trial, self.options)
         return _Claimed(ctx, {**self.suite.delta(self.options.profile, point.overrides), "seed": seed})
+
+
+def longest_first(keys: Dict[str, tuple], cost: Callable[[TrialPoint], float]) -> Dict[str, tuple]:
+    """`keys` with the points of the largest `cost` first (grid order among equals), each point's seeds
+    together: workers claim the longest trials first, so the suite does not end on one long trial while
+    the other workers have nothing left to run."""
+    costs: Dict[str, float] = {}
+    for point, _ in keys.values():
+        if point.point_id not in costs:
+            costs[point.point_id] = cost(point)
+    return dict(sorted(keys.items(), key=lambda item: -costs[item[1][0].point_id]))
 
 
 class SearchPoints:
@@ -399,11 +413,13 @@ class SearchPoints:
 
 
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
-              log: Callable[[str], None] = print) -> List[TrialRecord]:
+              log: Callable[[str], None] = print,
+              cost: Optional[Callable[[Dict[str, Any]], float]] = None) -> List[TrialRecord]:
     """Claim and run trials (the grid's points, or TPE's) until none is left or `options.max_trials`
-    are done; returns the records of every finished trial of the study."""
+    are done; returns the records of every finished trial of the study. `cost` (a grid point's config
+    delta -> its expected training time, any unit) orders the grid longest first."""
     study = open_study(suite, options)
-    points = (SearchPoints if suite.search else GridPoints)(suite, options, study, log)
+    points = SearchPoints(suite, options, study, log) if suite.search else GridPoints(suite, options, study, log, cost)
     results = suite_dir(suite, options) / "results.csv"
     pace = SuitePace()
     finished = 0

@@ -120,13 +120,14 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
 def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, helpers: list, worker_only: bool,
                     log: Log) -> List[TrialRecord]:
     from ablations.harness import open_study, run_study
-    from ablations.runner import run_trial
+    from ablations.runner import expected_cost, run_trial
     from ablations.suite import trial_config
     from ablations.tracking import sync_command
 
     started = time.time()
     records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
-                        lambda delta: trial_config(options.overrides, delta), log=log)
+                        lambda delta: trial_config(options.overrides, delta), log=log,
+                        cost=lambda delta: expected_cost(trial_config(options.overrides, delta)))
     lend = trial_config(options.overrides, suite.delta(options.profile)).sweep.lend_idle_cores
     if worker_only:
         if lend:  # this worker's core to the trials the others are still training

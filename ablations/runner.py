@@ -163,6 +163,22 @@ def own_stage(cfg: TafmConfig) -> TafmConfig:
     return cfg
 
 
+# a stage-2 step's time by recurrent type, relative to the single-frame control's: the synthetic profile on one
+# thread (README "Training speed": 141 / 132 / 182 / 183 / 190 ms); a registered cell counts as a learnt one
+_STEP_COST = {"none": 1.0, "averaging": 0.94, "lstm": 1.29, "gru": 1.30, "bottleneck_lstm": 1.35}
+
+
+def expected_cost(cfg: TafmConfig) -> float:
+    """What a trial trains beyond the shared stage 1, in control-step units: its stage-2 stages' steps x their
+    relative step time. Grid suites hand out their longest trials first by it (`harness.longest_first`)."""
+    length = cfg.train.max_steps if cfg.train.max_steps > 0 else (cfg.train.max_epochs or 1)  # vid: epochs
+    if cfg.model.recurrent.type == RecurrentType.none:
+        return float(length * cfg.sweep.control_stages) if single_frame_control(cfg) else 0.0
+    layers = len(cfg.model.recurrent.after) if cfg.sweep.progressive else 1
+    stages = layers + cfg.sweep.extra_stages
+    return stages * length * _STEP_COST.get(cfg.model.recurrent.type.value, 1.3)
+
+
 def stage_directory(cfg: TafmConfig, runs_dir: Path) -> Path:
     """runs/_stages/<hash> of the stage that trains `cfg`'s checkpoint."""
     return runs_dir / STAGES_DIR / stage_hash(own_stage(cfg))

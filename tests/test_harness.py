@@ -117,6 +117,19 @@ def test_seeds_are_spread_over_workers_like_grid_points(tmp_path, suite_file):
     assert (results["config.data.seed"] == results["seed"]).all()  # each trial trained with its own seed
 
 
+def test_longest_first_hands_out_the_costliest_points_first_with_their_seeds_together(suite_file):
+    from ablations.harness import grid_keys, longest_first
+
+    keys = grid_keys(load_suite(str(suite_file)), RunOptions(seeds=2))
+    points = list(dict.fromkeys(point.point_id for point, _ in keys.values()))
+    cost = {points[0]: 1.0, points[1]: 3.0, points[2]: 3.0}  # the rest 2.0
+    ordered = longest_first(keys, lambda point: cost.get(point.point_id, 2.0))
+    assert sorted(ordered) == sorted(keys) and all(ordered[k] == keys[k] for k in keys)
+    order = [point.point_id for point, _ in ordered.values()]
+    expected = [points[1], points[2]] + [p for p in points[3:]] + [points[0]]  # ties keep the grid's order
+    assert order == [p for p in expected for _ in range(2)]
+
+
 def _load_keys(suite_file, seeds=1):
     from ablations.harness import grid_keys
 

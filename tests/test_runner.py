@@ -68,6 +68,18 @@ def test_a_cached_stage_serves_runs_from_another_working_directory_and_after_a_m
         trained_stage(_cfg("none", "true"), moved, log=lambda s: None)
 
 
+def test_quicks_trials_are_handed_out_learnt_cells_first_and_the_short_rows_last():
+    suite = load_suite("quick")
+    delta = lambda point: suite.delta("synthetic", point.overrides)  # noqa: E731
+    cost = {point.labels["model.recurrent.type"]: runner.expected_cost(trial_config([], delta(point)))
+            for point in suite.points}
+    assert sorted(cost, key=lambda kind: -cost[kind]) == ["bottleneck_lstm", "gru", "lstm", "none", "averaging"]
+    table5 = load_suite("table5_comparison")
+    costs = sorted(runner.expected_cost(trial_config([], table5.delta("synthetic", point.overrides)))
+                   for point in table5.points)
+    assert costs[0] > 0 and costs[-1] >= 5 * 300  # the 5-layer LSTM-SSD: five progressive stages of 300 steps
+
+
 def test_control_stages_give_the_control_the_progressive_rows_steps(fits, tmp_path):
     """Table 5's LSTM-SSD trains 5 progressive stages of train.max_steps; with sweep.control_stages=5 its
     control finetunes for as many steps, and the recurrent rows' stages are the ones they always were."""
