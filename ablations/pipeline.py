@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ablations.suite import Suite
 
@@ -125,6 +126,8 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     from ablations.tracking import sync_command
 
     started = time.time()
+    # with helper workers, what the extras need that is not a timing is done now, while a helper trains stage 1
+    prepared = prepare_extras(suite, Path(options.runs_dir), log) if helpers else {}
     records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
                         lambda delta: trial_config(options.overrides, delta), log=log,
                         cost=lambda delta: expected_cost(trial_config(options.overrides, delta)))
@@ -141,7 +144,7 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     record_session(Path(options.runs_dir) / suite.name, started, request, len(records))
     log(f"[{suite.name}] {len(records)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if records:
-        run_extras(suite, Path(options.runs_dir), log)
+        run_extras(suite, Path(options.runs_dir), log, prepared)
         run_pictures(suite, records, Path(options.runs_dir), Path(request.report_dir), log)
         report_suites([request.suite], Path(options.runs_dir), Path(request.report_dir), mode, log=log)
         log("\n".join(results_table(records, suite.metric)))
@@ -237,29 +240,79 @@ def unfinished(request: SuiteRequest) -> Optional[str]:
     return f"{missing} trial(s) of suite {suite.name} not finished{names}: {why}"
 
 
-def run_extras(suite: Suite, runs_dir: Path, log: Log = print) -> None:
-    """The suite's extra measurements, saved as markdown beside its records for the report."""
+TABLE7_MODELS = "table7_models"  # prepare_extras' exports, under runs/<suite>/extras until they are timed
+
+
+def _extras_folder(suite: Suite, runs_dir: Path) -> Path:
     folder = runs_dir / suite.name / "extras"
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _table7_runtime(suite: Suite, log: Log) -> Optional[str]:
+    """The runtime the suite's Table 7 is timed in: the one it asks for, else the one installed (None: neither)."""
+    from ablations.extras.latency_table import installed
+
+    fmt = suite.extras["table7"]
+    if installed(fmt):
+        return fmt
+    fallback = next((r for r in ("executorch", "onnx") if installed(r)), None)
+    if fallback is None:
+        log(f"[{suite.name}] Table 7 skipped: neither ExecuTorch nor onnxruntime is installed")
+    else:
+        log(f"[{suite.name}] {fmt} is not installed (pip install -e '.[mobile]' brings ExecuTorch): "
+            f"Table 7 through {fallback}")
+    return fallback
+
+
+def prepare_extras(suite: Suite, runs_dir: Path, log: Log = print) -> Dict[str, Any]:
+    """The extras' work that times nothing and needs no trained model (the cost tables; exporting and
+    parity-checking Table 7's models and the peak's GEMMs), done while the other workers train: about 40 s
+    of the main job's end. A failure here costs nothing: `run_extras` then does that work itself."""
+    prepared: Dict[str, Any] = {}
+    if not suite.extras:
+        return prepared
+    folder = _extras_folder(suite, runs_dir)
+    try:
+        if suite.extras.get("cost_tables"):
+            prepared["cost_tables"] = _cost_tables(suite, log)
+        if suite.extras.get("table7"):
+            from ablations.extras.latency_table import export_table7
+
+            fmt = _table7_runtime(suite, log)
+            if fmt is not None:
+                log(f"[{suite.name}] exporting paper Table 7's models ({fmt}) while the trials train; timed at the end")
+                prepared["table7"] = export_table7(fmt, folder / TABLE7_MODELS)
+    except Exception as error:  # noqa: BLE001  the same work runs again at the end, and fails there if it must
+        log(f"[{suite.name}] preparing the extras failed ({type(error).__name__}: {error}); they run at the end")
+    return prepared
+
+
+def _cost_tables(suite: Suite, log: Log) -> str:
+    from ablations.extras.cost_table import cost_tables
+
+    log(f"[{suite.name}] counting parameters and MACs for paper Tables 3-5 (fvcore)")
+    return "## Costs (paper Tables 3-5)\n\n" + cost_tables() + "\n"
+
+
+def run_extras(suite: Suite, runs_dir: Path, log: Log = print, prepared: Optional[Dict[str, Any]] = None) -> None:
+    """The suite's extra measurements, saved as markdown beside its records for the report; what
+    `prepare_extras` did already (`prepared`) is not done again."""
+    prepared = prepared or {}
+    folder = _extras_folder(suite, runs_dir)
     if suite.extras.get("cost_tables"):
-        from ablations.extras.cost_table import cost_tables
-
-        log(f"[{suite.name}] counting parameters and MACs for paper Tables 3-5 (fvcore)")
-        (folder / "1_cost_tables.md").write_text("## Costs (paper Tables 3-5)\n\n" + cost_tables() + "\n")
+        (folder / "1_cost_tables.md").write_text(prepared.get("cost_tables") or _cost_tables(suite, log))
     if suite.extras.get("table7"):
-        from ablations.extras.latency_table import installed, table7
+        from ablations.extras.latency_table import table7
 
-        fmt = suite.extras["table7"]
-        if not installed(fmt):
-            fallback = next((r for r in ("executorch", "onnx") if installed(r)), None)
-            if fallback is None:
-                log(f"[{suite.name}] Table 7 skipped: neither ExecuTorch nor onnxruntime is installed")
-                return
-            log(f"[{suite.name}] {fmt} is not installed (pip install -e '.[mobile]' brings ExecuTorch): "
-                f"Table 7 through {fallback}")
-            fmt = fallback
-        log(f"[{suite.name}] exporting and timing paper Table 7's models ({fmt}, 1 thread, pinned)")
-        (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt).format() + "\n")
+        exports = prepared.get("table7")
+        fmt = exports.fmt if exports is not None else _table7_runtime(suite, log)
+        if fmt is None:
+            return
+        log(f"[{suite.name}] {'timing' if exports is not None else 'exporting and timing'} paper Table 7's models "
+            f"({fmt}, 1 thread, pinned)")
+        (folder / "2_table7.md").write_text("## Latency (paper Table 7)\n\n" + table7(fmt, exports=exports).format() + "\n")
+        shutil.rmtree(folder / TABLE7_MODELS, ignore_errors=True)  # ~100 MB of untrained models, timed
 
 
 def run_pictures(suite: Suite, records: Sequence[TrialRecord], runs_dir: Path, report_dir: Path,

@@ -56,6 +56,19 @@ def test_peak_is_the_fastest_runtimes_gemm_and_restores_affinity_and_threads():
     assert torch.get_num_threads() == threads
 
 
+def test_the_peaks_gemms_are_exported_once_and_timed_as_often_as_asked(tmp_path, monkeypatch):
+    import lightning_modules.deploy.latency as latency
+
+    exported = latency.export_gemms(tmp_path, sizes=(32, 64), runtimes=("torch", "onnx"))
+    assert sorted(exported) == [("onnx", 32), ("onnx", 64), ("torch", 32), ("torch", 64)]
+    exports = []
+    monkeypatch.setattr(latency, "_export_gemm", lambda *args: exports.append(args))
+    pin = min(os.sched_getaffinity(0))
+    peaks = [latency.measure_peak("onnx", threads=1, pin_core=pin, repeats=2, warmup=1, exported=exported) for _ in range(2)]
+    assert not exports and all(set(peak.runtimes) == {"torch", "onnx"} for peak in peaks)
+    assert all(peak.macs in (32 ** 3, 64 ** 3) for peak in peaks)
+
+
 def test_repeated_rounds_report_their_spread(tiny_onnx):
     path, _ = tiny_onnx
     result = measure_latency(path, frames=5, warmup=1, threads=1, pin_core=min(os.sched_getaffinity(0)), rounds=3)
@@ -97,3 +110,39 @@ def test_table7_row_compares_with_the_papers_big_core_and_lstm_with_mobilenet():
     assert "| 31.2% |" in text  # (1e9 / 32 ms) / (1e9 / 10 ms)
     assert "| alpha=1, 320 | 0.80 [0.75-0.85] | 0.90 |" in text  # 32 / 40, and each round's ratio
     assert "random-init weights" in text and "100.0 GMAC/s: torch" in text
+
+
+def test_table7_exported_while_the_trials_train_is_timed_at_the_end_not_exported_again(tmp_path, monkeypatch):
+    """`tafm run --workers 2`: prepare_extras counts the costs and exports Table 7's models while a helper trains;
+    run_extras then only times them. If preparing fails, run_extras does all of it."""
+    from types import SimpleNamespace
+
+    import ablations.extras.cost_table as cost_table
+    import ablations.extras.latency_table as latency_table
+    import ablations.pipeline as pipeline
+    from ablations.suite import load_suite
+
+    suite = load_suite("quick")  # cost tables and Table 7 in ExecuTorch, onnxruntime where it is not installed
+    calls, lines = [], []
+    monkeypatch.setattr(latency_table, "installed", lambda runtime: runtime == "onnx")
+    monkeypatch.setattr(cost_table, "cost_tables", lambda: calls.append("count") or "| costs |")
+    monkeypatch.setattr(latency_table, "export_table7", lambda fmt, folder: calls.append(("export", fmt)) or SimpleNamespace(fmt=fmt))
+    monkeypatch.setattr(latency_table, "table7", lambda fmt, exports=None: calls.append(("time", fmt, exports))
+                        or SimpleNamespace(format=lambda: "| table 7 |"))
+    prepared = pipeline.prepare_extras(suite, tmp_path, lines.append)
+    assert calls == ["count", ("export", "onnx")]
+    pipeline.run_extras(suite, tmp_path, lines.append, prepared)
+    assert calls[2:] == [("time", "onnx", prepared["table7"])]  # counted and exported once
+    extras = tmp_path / "quick" / "extras"
+    assert (extras / "1_cost_tables.md").read_text().endswith("| costs |\n")
+    assert (extras / "2_table7.md").read_text().endswith("| table 7 |\n")
+
+    def broken(fmt, folder):
+        raise RuntimeError("exporter broke")
+
+    calls.clear()
+    monkeypatch.setattr(latency_table, "export_table7", broken)
+    prepared = pipeline.prepare_extras(suite, tmp_path, lines.append)
+    assert "table7" not in prepared and "preparing the extras failed (RuntimeError: exporter broke)" in lines[-1]
+    pipeline.run_extras(suite, tmp_path, lines.append, prepared)
+    assert calls == ["count", ("time", "onnx", None)]  # the end exports and times, as without a helper

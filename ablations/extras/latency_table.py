@@ -20,8 +20,8 @@ from lightning_modules.markdown import markdown_table
 from lightning_modules.deploy.export import SUFFIX, export_model
 from lightning_modules.deploy.formats import installed as installed_format
 from lightning_modules.deploy.latency import (DEFAULT_FRAMES, DEFAULT_PIN_CORE, DEFAULT_THREADS, DEFAULT_WARMUP, RUNTIME_NAMES,
-                                       WEIGHTS_NOTE, LatencyResult, PeakResult, cpu_name, measure_latencies,
-                                       measure_peak, placement)
+                                       WEIGHTS_NOTE, GemmExports, LatencyResult, PeakResult, cpu_name, export_gemms,
+                                       measure_latencies, measure_peak, placement)
 from lightning_modules.network import create_model
 
 TABLE7_ROUNDS = 3
@@ -116,34 +116,58 @@ def _best(a: PeakResult, b: PeakResult) -> PeakResult:
     return a if a.macs_per_s >= b.macs_per_s else b
 
 
-def table7(fmt: str = HEADLINE, out_dir: Optional[Union[str, Path]] = None, frames: int = DEFAULT_FRAMES,
-           warmup: int = DEFAULT_WARMUP, threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
-           labels: Optional[Sequence[str]] = None, rounds: int = TABLE7_ROUNDS, second: bool = True) -> Table7:
-    """Export (with parity check) and time paper Table 7's models in `fmt` and, with `second`, in the other runtime
-    where installed; models kept in `out_dir` if given. `labels` restricts to rows whose label starts with one
-    of them (e.g. "LSTM-SSD")."""
+@dataclass
+class Table7Exports:
+    """Table 7's models and the peak's GEMMs, exported and parity-checked (`export_table7`), ready to time."""
+
+    fmt: str
+    chosen: List[tuple]
+    runtimes: List[str]
+    paths: Dict[tuple, Path]  # (label, runtime) -> model file
+    gemms: GemmExports
+
+
+def export_table7(fmt: str, folder: Union[str, Path], labels: Optional[Sequence[str]] = None,
+                  second: bool = True) -> Table7Exports:
+    """Export (with parity check) paper Table 7's models in `fmt` and, with `second`, in the other runtime where
+    installed, and the peak's GEMMs, into `folder`. Nothing here is timed: a suite exports them while the
+    other worker trains (ablations.pipeline). `labels` restricts to rows whose label starts with one of them."""
     chosen = [m for m in table7_models() if labels is None or any(m[0].startswith(x) for x in labels)]
     if not chosen:
         raise ValueError(f"table7: no model matches {list(labels or [])}; labels: {[m[0] for m in table7_models()]}")
     runtimes = [fmt] + [r for r in SUFFIX if second and r != fmt and installed(r)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for label, key, cfg in chosen:
+        torch.manual_seed(0)
+        net = create_model(cfg).eval()
+        for runtime in runtimes:
+            name = f"{key[0]}_a{key[1]:g}_{cfg.input_size}{SUFFIX[runtime]}"
+            paths[(label, runtime)] = export_model((net, cfg), folder / name, runtime).model_path
+    return Table7Exports(fmt, chosen, runtimes, paths, export_gemms(folder))
+
+
+def table7(fmt: str = HEADLINE, out_dir: Optional[Union[str, Path]] = None, frames: int = DEFAULT_FRAMES,
+           warmup: int = DEFAULT_WARMUP, threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
+           labels: Optional[Sequence[str]] = None, rounds: int = TABLE7_ROUNDS, second: bool = True,
+           exports: Optional[Table7Exports] = None) -> Table7:
+    """Time paper Table 7's models in `fmt` and, with `second`, in the other runtime where installed, against the
+    core's GEMM peak measured before and after; models exported now (kept in `out_dir` if given) unless
+    `exports` (from `export_table7`) has them."""
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(out_dir) if out_dir is not None else Path(scratch)
-        paths = {}
-        for label, key, cfg in chosen:
-            torch.manual_seed(0)
-            net = create_model(cfg).eval()
-            for runtime in runtimes:
-                name = f"{key[0]}_a{key[1]:g}_{cfg.input_size}{SUFFIX[runtime]}"
-                paths[(label, runtime)] = export_model((net, cfg), folder / name, runtime).model_path
-        peak = measure_peak(fmt, threads, pin_core)
+        if exports is None:
+            exports = export_table7(fmt, Path(out_dir) if out_dir is not None else Path(scratch), labels, second)
+        paths = exports.paths
+        peak = measure_peak(exports.fmt, threads, pin_core, exported=exports.gemms)
         results = dict(zip(paths, measure_latencies(list(paths.values()), frames, warmup, threads, pin_core,
                                                     rounds=rounds)))
-        peak = _best(peak, measure_peak(fmt, threads, pin_core))
+        peak = _best(peak, measure_peak(exports.fmt, threads, pin_core, exported=exports.gemms))
     rows = []
-    for label, key, _ in chosen:
-        for runtime in runtimes:
+    for label, key, _ in exports.chosen:
+        for runtime in exports.runtimes:
             results[(label, runtime)].peak = peak
-        rows.append(Row(label, key, {r: results[(label, r)] for r in runtimes}, paper.TABLE7[key][0]))
+        rows.append(Row(label, key, {r: results[(label, r)] for r in exports.runtimes}, paper.TABLE7[key][0]))
     return Table7(rows, peak)
 
 

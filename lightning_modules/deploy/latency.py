@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -170,14 +170,27 @@ def _gemm(runtime: str, n: int, path: Optional[Path], threads: int) -> Callable[
     return lambda i: run([a])
 
 
+GemmExports = Dict[Tuple[str, int], Optional[Path]]
+
+
+def export_gemms(folder: Union[str, Path], sizes: Sequence[int] = PEAK_SIZES,
+                 runtimes: Optional[Sequence[str]] = None) -> GemmExports:
+    """The peak's square GEMMs exported once into `folder` for every available runtime (`measure_peak(exported=)`
+    times them as often as asked without exporting them again)."""
+    present = available_runtimes()
+    return {(r, n): _export_gemm(r, n, Path(folder)) for r in (runtimes or PEAK_RUNTIMES) if r in present for n in sizes}
+
+
 def measure_peak(fmt: Optional[str] = None, threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
                  sizes: Sequence[int] = PEAK_SIZES, repeats: int = PEAK_REPEATS, warmup: int = 2,
-                 runtimes: Optional[Sequence[str]] = None) -> PeakResult:
+                 runtimes: Optional[Sequence[str]] = None, exported: Optional[GemmExports] = None) -> PeakResult:
     """The core's GEMM ceiling: square GEMMs of each size in every available runtime (`fmt`, the runtime of the
     model being judged, must be one of them), the same threads and pinning as the models, the best of
-    `repeats` calls each; the fastest runtime's best is the peak."""
+    `repeats` calls each; the fastest runtime's best is the peak. `exported` (from `export_gemms`): the GEMMs
+    to time, exported before; otherwise they are exported now."""
     present = available_runtimes()
-    chosen = [r for r in (runtimes or PEAK_RUNTIMES) if r in present]
+    chosen = sorted({r for r, _ in exported}, key=PEAK_RUNTIMES.index) if exported else \
+        [r for r in (runtimes or PEAK_RUNTIMES) if r in present]
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"measure_peak: format {fmt!r} is not supported; valid: {', '.join(FORMATS)}")
     if fmt is not None and fmt not in chosen:
@@ -187,7 +200,7 @@ def measure_peak(fmt: Optional[str] = None, threads: int = DEFAULT_THREADS, pin_
     rates: Dict[str, float] = {}
     best: Dict[str, tuple] = {}
     with tempfile.TemporaryDirectory() as folder:
-        paths = {(r, n): _export_gemm(r, n, Path(folder)) for r in chosen for n in sizes}
+        paths = exported or export_gemms(folder, sizes, chosen)
         with _measuring(chosen, threads, pin_core):
             for (runtime, n), path in paths.items():
                 call = _gemm(runtime, n, path, threads)
