@@ -28,7 +28,7 @@ from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import CellInit, RecurrentConfig, RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
-from lightning_modules.train_config import TrainConfig
+from lightning_modules.train_config import TrainConfig, resolve_lr
 from reports.significance import VideoMatches
 
 STAGES_DIR = "_stages"
@@ -51,7 +51,25 @@ _HASHED_WHEN_SET = {"sweep.extra_stages": 0, "train.recurrent_lr_factor": 1.0, "
 _HASHED_AS = {"train.channels_last": False}
 
 
+def _widths_folded(cfg: TafmConfig) -> TafmConfig:
+    """`cfg` with model.width_scale folded into the alphas (and the learning rate its alpha resolves to written
+    out): the network a stage trains is set by their products, so Table 3's alpha 0.5 rows at width_scale 0.5 and
+    quick's alpha 0.25 rows hash alike and share their stages. A config at width_scale 1 is returned as is."""
+    scale = cfg.model.width_scale
+    if scale == 1.0:
+        return cfg
+    folded = copy.deepcopy(cfg)
+    folded.train.lr = resolve_lr(cfg.train, cfg.model)
+    model = folded.model
+    for key in ("alpha", "alpha_base", "alpha_ssd", "alpha_lstm"):
+        if getattr(model, key) is not None:
+            setattr(model, key, getattr(model, key) * scale)
+    model.width_scale = 1.0
+    return folded
+
+
 def stage_hash(cfg: TafmConfig) -> str:
+    cfg = _widths_folded(cfg)
     flat = {k: _HASHED_AS.get(k, v) for k, v in to_flat_dict(cfg).items()
             if k not in _NOT_TRAINING and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
     if not cfg.model.recurrent.after or cfg.model.recurrent.type == RecurrentType.none:

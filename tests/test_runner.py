@@ -80,6 +80,24 @@ def test_quicks_trials_are_handed_out_learnt_cells_first_and_the_short_rows_last
     assert costs[0] > 0 and costs[-1] >= 5 * 300  # the 5-layer LSTM-SSD: five progressive stages of 300 steps
 
 
+def test_the_same_network_at_another_width_scale_shares_its_stages():
+    """Table 3's alpha 0.5 rows train at width_scale 0.5: the very network of quick's alpha 0.25 rows."""
+    table3, quick = load_suite("table3_recurrent"), load_suite("quick")
+    half = next(p for p in table3.points if p.overrides["model.alpha"] == 0.5
+                and p.overrides["model.recurrent.type"] == "bottleneck_lstm")
+    ours = trial_config([], table3.delta("synthetic", half.overrides))
+    theirs = trial_config([], quick.delta("synthetic", {"model.recurrent.type": "bottleneck_lstm"}))
+    assert (ours.model.alpha, ours.model.width_scale, theirs.model.alpha, theirs.model.width_scale) == (0.5, 0.5, 0.25, 1.0)
+    assert runner.stage_hash(ours) == runner.stage_hash(theirs)
+    assert runner.stage_hash(runner.stage1_config(ours)) == runner.stage_hash(runner.stage1_config(theirs))
+    # the learning rate an unset train.lr resolves to follows model.alpha (paper Sec. 4.1): it is hashed as used
+    paper_lr = [load_config(["train.lr=null", *widths]) for widths in
+                (["model.alpha=1.0", "model.width_scale=0.5"], ["model.alpha=0.5", "model.width_scale=1.0"])]
+    assert runner.stage_hash(paper_lr[0]) != runner.stage_hash(paper_lr[1])
+    assert runner.stage_hash(load_config(["model.alpha=1.0", "model.width_scale=0.5", "train.lr=0.003"])) == \
+        runner.stage_hash(load_config(["model.alpha=0.5", "train.lr=0.003"]))
+
+
 def test_control_stages_give_the_control_the_progressive_rows_steps(fits, tmp_path):
     """Table 5's LSTM-SSD trains 5 progressive stages of train.max_steps; with sweep.control_stages=5 its
     control finetunes for as many steps, and the recurrent rows' stages are the ones they always were."""
