@@ -187,14 +187,17 @@ _STEP_COST = {"none": 1.0, "averaging": 0.94, "lstm": 1.29, "gru": 1.30, "bottle
 
 
 def expected_cost(cfg: TafmConfig) -> float:
-    """What a trial trains beyond the shared stage 1, in control-step units: its stage-2 stages' steps x their
-    relative step time. Grid suites hand out their longest trials first by it (`harness.longest_first`)."""
+    """What a trial trains beyond the shared stage 1, in control-step units at alpha 0.25 and 192 px: its
+    stage-2 stages' steps x their relative step time x a rough size factor (width x pixels: at these widths
+    a step is memory-bound, not MAC-bound). Grid suites hand out their longest trials first by it
+    (`harness.longest_first`): only the order matters."""
     length = cfg.train.max_steps if cfg.train.max_steps > 0 else (cfg.train.max_epochs or 1)  # vid: epochs
+    size = (cfg.model.alpha * cfg.model.width_scale / 0.25) * (cfg.model.input_size / 192) ** 2
     if cfg.model.recurrent.type == RecurrentType.none:
-        return float(length * cfg.sweep.control_stages) if single_frame_control(cfg) else 0.0
+        return float(length * cfg.sweep.control_stages) * size if single_frame_control(cfg) else 0.0
     layers = len(cfg.model.recurrent.after) if cfg.sweep.progressive else 1
     stages = layers + cfg.sweep.extra_stages
-    return stages * length * _STEP_COST.get(cfg.model.recurrent.type.value, 1.3)
+    return stages * length * _STEP_COST.get(cfg.model.recurrent.type.value, 1.3) * size
 
 
 def stage_directory(cfg: TafmConfig, runs_dir: Path) -> Path:

@@ -78,6 +78,9 @@ def test_quicks_trials_are_handed_out_learnt_cells_first_and_the_short_rows_last
     costs = sorted(runner.expected_cost(trial_config([], table5.delta("synthetic", point.overrides)))
                    for point in table5.points)
     assert costs[0] > 0 and costs[-1] >= 5 * 300  # the 5-layer LSTM-SSD: five progressive stages of 300 steps
+    table3 = load_suite("table3_recurrent")
+    order = sorted(table3.points, key=lambda p: -runner.expected_cost(trial_config([], table3.delta("synthetic", p.overrides))))
+    assert [p.overrides["model.alpha"] for p in order] == [1.0] * 5 + [0.5] * 5  # the wider network's trials first
 
 
 def test_the_same_network_at_another_width_scale_shares_its_stages():
