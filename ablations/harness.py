@@ -190,8 +190,9 @@ def recover_dead_trials(study: optuna.Study) -> int:
     return recovered
 
 
-def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
-    """Enqueue every key with no COMPLETE/PRUNED/RUNNING/WAITING trial and fewer than MAX_RETRIES failures."""
+def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple], grid_index: Optional[Dict[str, int]] = None) -> List[str]:
+    """Enqueue every key with no COMPLETE/PRUNED/RUNNING/WAITING trial and fewer than MAX_RETRIES failures, in
+    the order of `keys`; each carries its `grid_index` (its place in the grid, for the records) if given."""
     by_key: Dict[str, List[TrialState]] = {}
     for trial in study.get_trials(deepcopy=False):
         if "key" in trial.user_attrs and not trial.user_attrs.get("user_error"):  # a user's mistake is no try
@@ -202,7 +203,8 @@ def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
         live = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
         if any(s in live for s in states) or states.count(TrialState.FAIL) >= MAX_RETRIES:
             continue
-        study.enqueue_trial({}, user_attrs={"key": key}, skip_if_exists=False)
+        attrs = {"key": key, **({"grid_index": grid_index[key]} if grid_index and key in grid_index else {})}
+        study.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
         enqueued.append(key)
     return enqueued
 
@@ -320,10 +322,11 @@ def _record(ctx: TrialContext, cfg: Any, metrics: Dict[str, Any], wall_time: flo
 
 
 def study_records(study: optuna.Study) -> List[TrialRecord]:
-    """One record per finished trial (complete or pruned), from the study's user attributes."""
-    return [from_trial(t.number, t.state.name, t.value, t.user_attrs["record"])
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.user_attrs.get("record")]
+    """One record per finished trial (complete or pruned), from the study's user attributes; a grid's in grid
+    order (workers take the longest trials first, so the order they finish in is not the table's), then as run."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    trials = sorted(trials, key=lambda t: (t.user_attrs.get("grid_index", float("inf")), t.number))
+    return [from_trial(t.number, t.state.name, t.value, t.user_attrs["record"]) for t in trials if t.user_attrs.get("record")]
 
 
 def records_frame(study: optuna.Study) -> pd.DataFrame:
@@ -353,6 +356,7 @@ class GridPoints:
                  cost: Optional[Callable[[Dict[str, Any]], float]] = None):
         self.suite, self.options, self.study, self.log = suite, options, study, log
         self.keys = grid_keys(suite, options)
+        self.grid_index = {key: i for i, key in enumerate(self.keys)}
         if cost is not None:
             self.keys = longest_first(self.keys, lambda point: cost(suite.delta(options.profile, point.overrides)))
         self.total = len(self.keys)
@@ -361,7 +365,7 @@ class GridPoints:
         recovered = recover_dead_trials(self.study)
         if recovered:
             self.log(f"[{self.suite.name}] {recovered} interrupted trial(s) will be retried")
-        enqueue_missing(self.study, self.keys)
+        enqueue_missing(self.study, self.keys, self.grid_index)
         return _claim(self.study)
 
     def prepare(self, trial: optuna.trial.Trial) -> _Claimed:

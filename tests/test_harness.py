@@ -130,6 +130,16 @@ def test_longest_first_hands_out_the_costliest_points_first_with_their_seeds_tog
     assert order == [p for p in expected for _ in range(2)]
 
 
+def test_trials_run_longest_first_and_are_recorded_in_grid_order(tmp_path, suite_file):
+    runs = tmp_path / "runs"
+    result = _worker(suite_file, runs, "--seeds", "2", "--widest-first")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = pd.read_csv(runs / "harness_test" / "results.csv")
+    ran = [results.set_index("key").loc[key, "config.model.alpha"] for key in _calls(runs)]
+    assert ran == sorted(ran, reverse=True) and ran[0] == 1.0  # the widest (the costliest here) first
+    assert list(results["key"]) == _load_keys(suite_file, seeds=2)  # the records: the grid's order, seeds ascending
+
+
 def _load_keys(suite_file, seeds=1):
     from ablations.harness import grid_keys
 

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--storage", default=None)
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--widest-first", action="store_true", help="order the grid by model.alpha, largest first")
     args = parser.parse_args()
     marker = Path(args.runs) / "failed-once"
 
@@ -44,7 +45,9 @@ def main() -> None:
         seed = delta.pop("seed")
         return load_config([f"data.seed={seed}"], delta=_nest(delta))
 
-    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs), storage=args.storage, seeds=args.seeds), trial_fn, make_config, log=lambda s: None)
+    cost = (lambda delta: float(delta.get("model.alpha", 1.0))) if args.widest_first else None
+    run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs), storage=args.storage, seeds=args.seeds), trial_fn,
+             make_config, log=lambda s: None, cost=cost)
 
 
 if __name__ == "__main__":
