@@ -148,6 +148,8 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
         run_pictures(suite, records, Path(options.runs_dir), Path(request.report_dir), log)
         report_suites([request.suite], Path(options.runs_dir), Path(request.report_dir), mode, log=log)
         log("\n".join(results_table(records, suite.metric)))
+    else:
+        shutil.rmtree(Path(options.runs_dir) / suite.name / "extras" / TABLE7_MODELS, ignore_errors=True)
     command = sync_command(Path(options.runs_dir) / suite.name)
     if command and mode == "offline":
         log(f"[{suite.name}] upload the W&B runs with: {command}")
