@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import optuna
 import pandas as pd
@@ -240,22 +240,39 @@ class SuitePace:
     suite's own rate since (every worker's trials), so parallel workers and shared stages count."""
 
     start: float = field(default_factory=time.time)
-    done_at_start: Optional[int] = None
+    done_at_start: Optional[float] = None  # the work done then (trials, or Work units with a cost)
 
 
-def eta_seconds(elapsed: float, done: int, done_at_start: int, total: int) -> Optional[float]:
-    """Seconds left at the rate trials finished since this worker started; None before the first finishes."""
+@dataclass(frozen=True)
+class Work:
+    """What a trial will train, in any one unit across a suite (e.g. control stage-2 steps): its own stages, and
+    a stage it may share with other trials (stage 1) by name, counted once for all of them. A stage already
+    cached counts 0. The grid is handed out by `own`, longest first; the ETA is work left at the work rate."""
+
+    own: float
+    shared: Optional[Tuple[str, float]] = None
+
+
+def eta_seconds(elapsed: float, done: float, done_at_start: float, total: float) -> Optional[float]:
+    """Seconds left at the rate work (trials, or Work units) was done since this worker started; None before
+    any is done."""
     finished = done - done_at_start
     return elapsed / finished * (total - done) if finished > 0 and done < total else None
 
 
-def suite_progress(study: optuna.Study, total: int, pace: SuitePace) -> str:
-    done = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-               if "key" in t.user_attrs)
+def suite_progress(study: optuna.Study, total: int, pace: SuitePace, points: Any = None) -> str:
+    """"k/n trials done, ETA ...": with `points` (GridPoints with a cost), the ETA weighs each trial by its work,
+    so trials that trained a shared stage 1 and trials whose stages were cached do not skew it."""
+    done_keys = [t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                 if "key" in t.user_attrs]
+    done = len(done_keys)
+    measured = points is not None and getattr(points, "work", None) is not None
+    amount = points.amount(done_keys) if measured else float(done)
+    whole = points.amount(points.keys) if measured else float(total)
     if pace.done_at_start is None:
-        pace.done_at_start = done
+        pace.done_at_start = amount
     line = f"{done}/{total} trials done"
-    eta = eta_seconds(time.time() - pace.start, done, pace.done_at_start, total)
+    eta = eta_seconds(time.time() - pace.start, amount, pace.done_at_start, whole)
     if eta is not None:
         line += f", ETA {_format_eta(eta)}"
     return line
@@ -353,13 +370,25 @@ class GridPoints:
     """Hands out the suite's grid (x seeds): every key exactly once, a dead worker's key again."""
 
     def __init__(self, suite: Suite, options: RunOptions, study: optuna.Study, log: Callable[[str], None],
-                 cost: Optional[Callable[[Dict[str, Any]], float]] = None):
+                 cost: Optional[Callable[[Dict[str, Any]], Work]] = None):
         self.suite, self.options, self.study, self.log = suite, options, study, log
         self.keys = grid_keys(suite, options)
         self.grid_index = {key: i for i, key in enumerate(self.keys)}
+        self.work: Optional[Dict[str, Work]] = None
         if cost is not None:
-            self.keys = longest_first(self.keys, lambda point: cost(suite.delta(options.profile, point.overrides)))
+            self.work = {key: cost({**suite.delta(options.profile, point.overrides), "seed": seed})
+                         for key, (point, seed) in self.keys.items()}
+            own: Dict[str, List[float]] = {}
+            for key, (point, _) in self.keys.items():
+                own.setdefault(point.point_id, []).append(self.work[key].own)
+            self.keys = longest_first(self.keys, lambda point: sum(own[point.point_id]) / len(own[point.point_id]))
         self.total = len(self.keys)
+
+    def amount(self, keys: Iterable[str]) -> float:
+        """The work of these trials (of this grid): their own stages, and each stage they share once."""
+        chosen = [self.work[key] for key in keys if key in self.work] if self.work is not None else []
+        shared = {work.shared for work in chosen if work.shared is not None}
+        return sum(work.own for work in chosen) + sum(cost for _, cost in shared)
 
     def claim(self) -> Optional[optuna.trial.Trial]:
         recovered = recover_dead_trials(self.study)
@@ -418,10 +447,10 @@ class SearchPoints:
 
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
               log: Callable[[str], None] = print,
-              cost: Optional[Callable[[Dict[str, Any]], float]] = None) -> List[TrialRecord]:
+              cost: Optional[Callable[[Dict[str, Any]], Work]] = None) -> List[TrialRecord]:
     """Claim and run trials (the grid's points, or TPE's) until none is left or `options.max_trials`
-    are done; returns the records of every finished trial of the study. `cost` (a grid point's config
-    delta -> its expected training time, any unit) orders the grid longest first."""
+    are done; returns the records of every finished trial of the study. `cost` (a grid trial's config
+    delta, seed included -> its `Work`) orders the grid longest first and weighs the ETA."""
     study = open_study(suite, options)
     points = SearchPoints(suite, options, study, log) if suite.search else GridPoints(suite, options, study, log, cost)
     results = suite_dir(suite, options) / "results.csv"
@@ -434,7 +463,7 @@ def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config:
             break
         claimed = points.prepare(trial)
         cfg = _trial_config(study, trial, make_config, claimed.delta)
-        _run_and_record(study, trial, claimed.ctx, cfg, trial_fn, pace, points.total, results, log)
+        _run_and_record(study, trial, claimed.ctx, cfg, trial_fn, pace, points, results, log)
         finished += 1
     return write_records(study, results)
 
@@ -453,13 +482,13 @@ def _trial_config(study: optuna.Study, trial: optuna.trial.Trial, make_config: C
 
 
 def _run_and_record(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn,
-                    pace: SuitePace, total: int, results: Path, log: Callable[[str], None]) -> None:
+                    pace: SuitePace, points: Any, results: Path, log: Callable[[str], None]) -> None:
     """Run one claimed trial, then rewrite the records and report suite progress."""
     log(f"[{ctx.suite.name}] trial {ctx.key} {ctx.labels} seed {ctx.seed}: starting "
-        f"({suite_progress(study, total, pace)})")
+        f"({suite_progress(study, points.total, pace, points)})")
     _run_one(study, trial, ctx, cfg, trial_fn)
     write_records(study, results)
-    log(f"[{ctx.suite.name}] {suite_progress(study, total, pace)}")
+    log(f"[{ctx.suite.name}] {suite_progress(study, points.total, pace, points)}")
 
 
 def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:

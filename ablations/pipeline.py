@@ -121,7 +121,7 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
 def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, helpers: list, worker_only: bool,
                     log: Log) -> List[TrialRecord]:
     from ablations.harness import open_study, run_study
-    from ablations.runner import expected_cost, run_trial
+    from ablations.runner import run_trial, trial_work
     from ablations.suite import trial_config
     from ablations.tracking import sync_command
 
@@ -130,7 +130,7 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     prepared = prepare_extras(suite, Path(options.runs_dir), log) if helpers else {}
     records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
                         lambda delta: trial_config(options.overrides, delta), log=log,
-                        cost=lambda delta: expected_cost(trial_config(options.overrides, delta)))
+                        cost=lambda delta: trial_work(trial_config(options.overrides, delta), Path(options.runs_dir)))
     lend = trial_config(options.overrides, suite.delta(options.profile)).sweep.lend_idle_cores
     if worker_only:
         if lend:  # this worker's core to the trials the others are still training

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from ablations.config import TafmConfig, UserError, to_flat_dict
 from ablations.cores import LendIdleCores, stage_lock
-from ablations.harness import TrialContext, error_line
+from ablations.harness import TrialContext, Work, error_line
 from ablations.progress import TrainProgress
 from ablations.pruning import OptunaPruning
 from ablations.records import matches_artifact, occluded_name
@@ -186,18 +186,36 @@ def own_stage(cfg: TafmConfig) -> TafmConfig:
 _STEP_COST = {"none": 1.0, "averaging": 0.94, "lstm": 1.29, "gru": 1.30, "bottleneck_lstm": 1.35}
 
 
+def _length(cfg: TafmConfig) -> float:
+    return float(cfg.train.max_steps if cfg.train.max_steps > 0 else (cfg.train.max_epochs or 1))  # vid: epochs
+
+
+def _size(cfg: TafmConfig) -> float:
+    """Width x pixels against alpha 0.25 at 192 px: rough, at these widths a step is memory-bound, not MAC-bound."""
+    return (cfg.model.alpha * cfg.model.width_scale / 0.25) * (cfg.model.input_size / 192) ** 2
+
+
 def expected_cost(cfg: TafmConfig) -> float:
     """What a trial trains beyond the shared stage 1, in control-step units at alpha 0.25 and 192 px: its
-    stage-2 stages' steps x their relative step time x a rough size factor (width x pixels: at these widths
-    a step is memory-bound, not MAC-bound). Grid suites hand out their longest trials first by it
-    (`harness.longest_first`): only the order matters."""
-    length = cfg.train.max_steps if cfg.train.max_steps > 0 else (cfg.train.max_epochs or 1)  # vid: epochs
-    size = (cfg.model.alpha * cfg.model.width_scale / 0.25) * (cfg.model.input_size / 192) ** 2
+    stage-2 stages' steps x their relative step time x `_size`. Grid suites hand out their longest trials
+    first by it (`harness.longest_first`): only the order matters."""
+    length = _length(cfg)
     if cfg.model.recurrent.type == RecurrentType.none:
-        return float(length * cfg.sweep.control_stages) * size if single_frame_control(cfg) else 0.0
+        return length * cfg.sweep.control_stages * _size(cfg) if single_frame_control(cfg) else 0.0
     layers = len(cfg.model.recurrent.after) if cfg.sweep.progressive else 1
     stages = layers + cfg.sweep.extra_stages
-    return stages * length * _STEP_COST.get(cfg.model.recurrent.type.value, 1.3) * size
+    return stages * length * _STEP_COST.get(cfg.model.recurrent.type.value, 1.3) * _size(cfg)
+
+
+def trial_work(cfg: TafmConfig, runs_dir: Path) -> Work:
+    """The trial's `harness.Work` in control-step units: its own stages (`expected_cost`) and its stage 1 by
+    hash (a stage-1 step, 16 single frames, takes about a control step's time: 143 against 141 ms in the
+    README's speed table), each 0 when already in `runs_dir`'s stage cache."""
+    own = 0.0 if (stage_directory(cfg, runs_dir) / DONE).is_file() else expected_cost(cfg)
+    first = stage1_config(cfg)
+    directory = stage_directory(first, runs_dir)
+    shared = None if (directory / DONE).is_file() else (directory.name, _length(first) * _size(first))
+    return Work(own, shared)
 
 
 def stage_directory(cfg: TafmConfig, runs_dir: Path) -> Path:

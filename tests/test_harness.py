@@ -140,6 +140,23 @@ def test_trials_run_longest_first_and_are_recorded_in_grid_order(tmp_path, suite
     assert list(results["key"]) == _load_keys(suite_file, seeds=2)  # the records: the grid's order, seeds ascending
 
 
+def test_the_eta_weighs_each_trial_by_its_work_and_a_shared_stage_once(suite_file):
+    from ablations.harness import GridPoints, Work
+
+    def work(delta):  # seed 1's trials twice seed 0's; each seed's stage 1 (10) shared by its trials
+        return Work(float(delta["seed"] + 1), (f"stage1-s{delta['seed']}", 10.0))
+
+    points = GridPoints(load_suite(str(suite_file)), RunOptions(seeds=2), None, lambda line: None, work)
+    seed0 = [key for key in points.keys if key.endswith("-s0")]
+    assert points.amount(seed0[:1]) == 1 + 10 and points.amount(seed0[:2]) == 2 + 10  # stage 1 counted once
+    assert points.amount(points.keys) == len(seed0) * (1 + 2) + 2 * 10
+    assert list(points.keys)[:len(seed0) * 2:2] == [key for key in seed0]  # equal own work: the grid's order
+    # the first trial, which trained its seed's stage 1, stands for 11 of the grid's 38: 10 minutes for it
+    # leave 24.5 minutes, not the 50 that counting trials (1 of 12) would say
+    assert eta_seconds(600.0, points.amount(seed0[:1]), 0.0, points.amount(points.keys)) == 600.0 / 11 * 27
+    assert eta_seconds(600.0, 1, 0, 12) == 600.0 * 11
+
+
 def _load_keys(suite_file, seeds=1):
     from ablations.harness import grid_keys
 

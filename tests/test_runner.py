@@ -101,6 +101,19 @@ def test_the_same_network_at_another_width_scale_shares_its_stages():
         runner.stage_hash(load_config(["model.alpha=0.5", "train.lr=0.003"]))
 
 
+def test_trial_work_names_the_shared_stage1_and_counts_cached_stages_as_nothing(fits, tmp_path):
+    from ablations.harness import Work
+
+    lstm, control = _cfg("bottleneck_lstm", "true"), _cfg("none", "true")
+    before = runner.trial_work(lstm, tmp_path)
+    assert before.own == runner.expected_cost(lstm) > 0
+    assert before.shared == runner.trial_work(control, tmp_path).shared  # one stage 1, by its hash
+    assert before.shared[1] == 6 * runner._size(runner.stage1_config(lstm))  # sweep.stage1_max_steps=6
+    trained_stage(lstm, tmp_path, log=lambda s: None)
+    assert runner.trial_work(lstm, tmp_path) == Work(0.0, None)  # its stage and stage 1 now cached
+    assert runner.trial_work(control, tmp_path) == Work(runner.expected_cost(control), None)
+
+
 def test_control_stages_give_the_control_the_progressive_rows_steps(fits, tmp_path):
     """Table 5's LSTM-SSD trains 5 progressive stages of train.max_steps; with sweep.control_stages=5 its
     control finetunes for as many steps, and the recurrent rows' stages are the ones they always were."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ablations.config import load_config
-from ablations.harness import RunOptions, run_grid
+from ablations.harness import RunOptions, Work, run_grid
 from ablations.suite import load_suite
 from lightning_modules.config import nest as _nest
 
@@ -45,7 +45,7 @@ def main() -> None:
         seed = delta.pop("seed")
         return load_config([f"data.seed={seed}"], delta=_nest(delta))
 
-    cost = (lambda delta: float(delta.get("model.alpha", 1.0))) if args.widest_first else None
+    cost = (lambda delta: Work(float(delta.get("model.alpha", 1.0)))) if args.widest_first else None
     run_grid(load_suite(args.suite), RunOptions(runs_dir=Path(args.runs), storage=args.storage, seeds=args.seeds), trial_fn,
              make_config, log=lambda s: None, cost=cost)
 
