@@ -260,13 +260,13 @@ def eta_seconds(elapsed: float, done: float, done_at_start: float, total: float)
     return elapsed / finished * (total - done) if finished > 0 and done < total else None
 
 
-def suite_progress(study: optuna.Study, total: int, pace: SuitePace, points: Any = None) -> str:
-    """"k/n trials done, ETA ...": with `points` (GridPoints with a cost), the ETA weighs each trial by its work,
-    so trials that trained a shared stage 1 and trials whose stages were cached do not skew it."""
+def suite_progress(study: optuna.Study, points: "GridPoints | SearchPoints", pace: SuitePace) -> str:
+    """"k/n trials done, ETA ...": for a grid with a cost (`GridPoints.work`) the ETA weighs each trial by its
+    work, so trials that trained a shared stage 1 and trials whose stages were cached do not skew it."""
     done_keys = [t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                  if "key" in t.user_attrs]
-    done = len(done_keys)
-    measured = points is not None and getattr(points, "work", None) is not None
+    done, total = len(done_keys), points.total
+    measured = isinstance(points, GridPoints) and points.work is not None
     amount = points.amount(done_keys) if measured else float(done)
     whole = points.amount(points.keys) if measured else float(total)
     if pace.done_at_start is None:
@@ -482,13 +482,14 @@ def _trial_config(study: optuna.Study, trial: optuna.trial.Trial, make_config: C
 
 
 def _run_and_record(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, cfg: Any, trial_fn: TrialFn,
-                    pace: SuitePace, points: Any, results: Path, log: Callable[[str], None]) -> None:
+                    pace: SuitePace, points: "GridPoints | SearchPoints", results: Path,
+                    log: Callable[[str], None]) -> None:
     """Run one claimed trial, then rewrite the records and report suite progress."""
     log(f"[{ctx.suite.name}] trial {ctx.key} {ctx.labels} seed {ctx.seed}: starting "
-        f"({suite_progress(study, points.total, pace, points)})")
+        f"({suite_progress(study, points, pace)})")
     _run_one(study, trial, ctx, cfg, trial_fn)
     write_records(study, results)
-    log(f"[{ctx.suite.name}] {suite_progress(study, points.total, pace, points)}")
+    log(f"[{ctx.suite.name}] {suite_progress(study, points, pace)}")
 
 
 def failed_keys(study: optuna.Study, keys: Dict[str, tuple]) -> List[str]:
