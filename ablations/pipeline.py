@@ -335,13 +335,14 @@ def run_pictures(suite: Suite, records: Sequence[TrialRecord], runs_dir: Path, r
 
 def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str, every: bool = False,
                   log: Log = print) -> List[Path]:
-    """Write each suite's report (and with `every`, skip suites without records and write the index)."""
+    """Write each suite's report (with `every`, skipping suites without records), then the index of every
+    suite's report in out_dir (reports/README.md)."""
     from ablations.records import records_frame
-    from ablations.suite import load_suite
+    from ablations.suite import available_suites, load_suite
     from ablations.tracking import log_report
     from reports.tables import ReportError, load_records, write_index, write_report
 
-    written, skipped = [], []
+    written = []
     for name in names:
         suite = load_suite(name)
         try:
@@ -350,11 +351,11 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
             if not every:
                 raise
             log(f"skipped {name}: {error}")
-            skipped.append(name)
             continue
         written.append((suite.name, suite.description, path))
         log(f"wrote {path}")
         log_report(mode, suite.name, runs_dir / suite.name, records_frame(load_records(runs_dir, suite.name)), path)
-    if every:
-        log(f"wrote {write_index(written, out_dir, runs_dir, tuple(skipped))}")
+    if written:
+        index = write_index([(name, load_suite(name).description) for name in available_suites()], out_dir)
+        log(f"wrote {index}")
     return [path for _, _, path in written]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -388,22 +389,36 @@ def _short_commit(commit: str) -> str:
     return head[:12] + (f"+{mark}" if mark else "")
 
 
-def write_index(entries: List[Tuple[str, str, Path]], out_dir: Path, runs_dir: Optional[Path] = None,
-                not_run: Tuple[str, ...] = ()) -> Path:
-    """reports/README.md listing every suite report; with `runs_dir`, each with its seeds, wall time and
-    commit; `not_run` suites are listed as such."""
-    header, rows = ["suite", "report"], []
-    if runs_dir is not None:
-        header += ["seeds", "trials", "wall time", "commit"]
-    for name, description, path in entries:
-        row = [name, f"[{description}]({path.relative_to(out_dir)})"]
-        if runs_dir is not None:
-            records = load_records(Path(runs_dir), name)
-            commits = sorted({_short_commit(str(r.provenance.git_commit)) for r in records if r.provenance.git_commit})
-            row += [", ".join(map(str, sorted({int(r.seed) for r in records}))), str(len(records)),
-                    wall_time_text(read_sessions(Path(runs_dir) / name)), ", ".join(commits) or "unknown"]
-        rows.append(row)
-    rows += [[name, "not run yet: no records"] + [""] * (len(header) - 2) for name in not_run]
+_SEEDS_LINE = re.compile(r"^- Seeds: \[(?P<seeds>[^\]]*)\]; trials: (?P<trials>\d+); commit: (?P<commits>[^;]*);", re.M)
+_WALL_LINE = re.compile(r"^- Wall time: (?P<wall>.*?), from each `tafm run`", re.M)
+
+
+def report_provenance(text: str) -> Dict[str, str]:
+    """A written report's seeds, trial count, wall time and commits, read back from its Provenance lines
+    (`_provenance` writes them); a report without them gives "unknown"."""
+    seeds = _SEEDS_LINE.search(text)
+    wall = _WALL_LINE.search(text)
+    commits = [c.strip() for c in seeds.group("commits").split(",")] if seeds else []
+    return {"seeds": seeds.group("seeds") if seeds else "unknown",
+            "trials": seeds.group("trials") if seeds else "unknown",
+            "wall": wall.group("wall") if wall else "unknown",
+            "commits": ", ".join(_short_commit(c) for c in commits if c and c != "unknown") or "unknown"}
+
+
+def write_index(suites: List[Tuple[str, str]], out_dir: Path) -> Path:
+    """reports/README.md: every suite (name, description) with the report in out_dir/<suite>/README.md, its
+    seeds, trials, wall time and commit read from that report, so the index describes the reports beside it
+    whichever runs dir each came from; a suite without a report is listed as not run yet."""
+    header = ["suite", "report", "seeds", "trials", "wall time", "commit"]
+    rows = []
+    for name, description in suites:
+        readme = Path(out_dir) / name / "README.md"
+        if not readme.is_file():
+            rows.append([name, "not run yet: no report", "", "", "", ""])
+            continue
+        facts = report_provenance(readme.read_text(encoding="utf-8"))
+        rows.append([name, f"[{description}]({name}/README.md)", facts["seeds"], facts["trials"], facts["wall"],
+                     facts["commits"]])
     lines = ["# Regenerated tables", "", *markdown_table(header, rows)]
     index = Path(out_dir) / "README.md"
     index.write_text("\n".join(lines) + "\n")

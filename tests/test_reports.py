@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports.tables import ReportError, write_index, write_report
+from reports.tables import ReportError, report_provenance, write_index, write_report
 
 
 def _row(kind, alpha, map50, seed=0, after=("conv13",), arch="lstm_ssd", alpha_lstm=None, **metrics):
@@ -74,8 +74,8 @@ def test_figure4_png_is_written(tmp_path):
     png = readme.parent / "fig4.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Figure 4](fig4.png)" in readme.read_text()
-    index = write_index([("fig4_lstm_width", "Figure 4", readme)], tmp_path / "reports")
-    assert "fig4_lstm_width/README.md" in index.read_text()
+    index = write_index([("fig4_lstm_width", "Figure 4")], tmp_path / "reports")
+    assert "[Figure 4](fig4_lstm_width/README.md)" in index.read_text()
 
 
 def test_missing_records_is_a_clear_error(tmp_path):
@@ -211,15 +211,38 @@ def test_wall_time_seeds_and_commit_reach_the_report_and_the_index(tmp_path):
     text = readme.read_text()
     assert "Wall time: 46 min (2 runs, 2 workers)" in text
     assert "model.width_scale 0.5" in text
-    index = write_index([("table3_recurrent", "Table 3", readme)], tmp_path / "reports", runs).read_text()
+    suites = [("table3_recurrent", "Table 3"), ("table6_occlusion", "Table 6")]
+    index = write_index(suites, tmp_path / "reports").read_text()
     row = next(line for line in index.splitlines() if line.startswith("| table3_recurrent"))
     assert "| 0, 1 | 4 | 46 min (2 runs, 2 workers) | abc123 |" in row
+    assert "| table6_occlusion | not run yet: no report |" in index
     frame["git_commit"] = "0123456789abcdef0123+dirty"
     frame.to_csv(runs / "table3_recurrent" / "results.csv", index=False)
-    index = write_index([("table3_recurrent", "Table 3", readme)], tmp_path / "reports", runs,
-                        not_run=("table6_occlusion",)).read_text()
-    assert "| 0123456789ab+dirty |" in index
-    assert "| table6_occlusion | not run yet: no records |" in index
+    write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports")
+    assert "| 0123456789ab+dirty |" in write_index(suites, tmp_path / "reports").read_text()
+
+
+def test_the_index_lists_reports_written_from_different_runs_dirs(tmp_path):
+    """Each suite's row comes from its report, so a report written from another runs dir keeps its row when
+    the next suite's report is written."""
+    from ablations.pipeline import report_suites
+
+    first = _write(tmp_path / "a", "table3_recurrent", [_row("none", 0.5, 0.30, after=()), _row("gru", 0.5, 0.40)])
+    second = _write(tmp_path / "b", "table2_placement", [_row("none", 1.0, 0.30, after=()), _row("gru", 1.0, 0.40)])
+    (second / "table2_placement" / "sessions.jsonl").write_text(json.dumps({"wall_s": 600.0, "workers": 1}) + "\n")
+    out = tmp_path / "reports"
+    report_suites(["table3_recurrent"], first, out, "disabled", log=lambda message: None)
+    report_suites(["table2_placement"], second, out, "disabled", log=lambda message: None)
+    rows = {line.split(" | ")[0][2:]: line for line in (out / "README.md").read_text().splitlines()[4:]}
+    assert "| 0 | 2 | not recorded | abc123 |" in rows["table3_recurrent"]
+    assert "| 0 | 2 | 10 min (1 run, 1 worker) | abc123 |" in rows["table2_placement"]
+    assert "not run yet: no report" in rows["table5_comparison"]
+    assert "](table3_recurrent/README.md)" in rows["table3_recurrent"]
+
+
+def test_report_provenance_of_a_report_without_provenance_lines_is_unknown():
+    assert report_provenance("# a report\n") == {"seeds": "unknown", "trials": "unknown", "wall": "unknown",
+                                                 "commits": "unknown"}
 
 
 def test_a_suite_without_sessions_says_its_wall_time_was_not_recorded(tmp_path):
