@@ -12,9 +12,12 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import os
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,6 +30,8 @@ if TYPE_CHECKING:  # records bring pandas: not loaded before the preflight check
 Log = Callable[[str], None]
 LIBRARY_LOG = "libraries.log"  # library warnings and C++ output of a quiet run, per suite
 SESSIONS = "sessions.jsonl"  # one line per `tafm run` of a suite: when, how long, workers, seeds, commit
+OPEN_SESSIONS = "sessions.open"  # a running (or killed) `tafm run`: its clock, rewritten every HEARTBEAT_S
+HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -120,28 +125,16 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
 
 def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, helpers: list, worker_only: bool,
                     log: Log) -> List[TrialRecord]:
-    from ablations.harness import open_study, run_study
-    from ablations.runner import run_trial, trial_work
-    from ablations.suite import trial_config
     from ablations.tracking import sync_command
 
-    started = time.time()
-    # with helper workers, what the extras need that is not a timing is done now, while a helper trains stage 1
-    prepared = prepare_extras(suite, Path(options.runs_dir), log) if helpers else {}
-    records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
-                        lambda delta: trial_config(options.overrides, delta), log=log,
-                        cost=lambda delta: trial_work(trial_config(options.overrides, delta), Path(options.runs_dir)))
-    lend = trial_config(options.overrides, suite.delta(options.profile)).sweep.lend_idle_cores
     if worker_only:
-        if lend:  # this worker's core to the trials the others are still training
-            study = open_study(suite, options)
-            _lend_until(lambda: not _running_here(study), options)
-        return records
-    if helpers:
-        if lend:
-            _lend_until(lambda: all(helper.poll() is not None for helper in helpers), options)
-        records = join_workers(helpers, suite, options)
-    record_session(Path(options.runs_dir) / suite.name, started, request, len(records))
+        return _run_trials(suite, options, mode, [], worker_only, log)[0]
+    clock = SessionClock(Path(options.runs_dir) / suite.name, request)
+    try:
+        records, prepared = _run_trials(suite, options, mode, helpers, worker_only, log)
+    finally:
+        clock.stop()  # a run that raised or was interrupted keeps its open session: its time still counts
+    clock.finish(len(records))
     log(f"[{suite.name}] {len(records)} trial(s) recorded in {Path(options.runs_dir) / suite.name / 'results.csv'}")
     if records:
         run_extras(suite, Path(options.runs_dir), log, prepared)
@@ -154,6 +147,31 @@ def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, hel
     if command and mode == "offline":
         log(f"[{suite.name}] upload the W&B runs with: {command}")
     return records
+
+
+def _run_trials(suite: Suite, options, mode: str, helpers: list, worker_only: bool,
+                log: Log) -> Tuple[List[TrialRecord], Dict[str, Any]]:
+    """Every trial of the study run here and by the helpers; with the extras prepared meanwhile."""
+    from ablations.harness import open_study, run_study
+    from ablations.runner import run_trial, trial_work
+    from ablations.suite import trial_config
+
+    # with helper workers, what the extras need that is not a timing is done now, while a helper trains stage 1
+    prepared = prepare_extras(suite, Path(options.runs_dir), log) if helpers else {}
+    records = run_study(suite, options, lambda cfg, ctx: run_trial(cfg, ctx, mode),
+                        lambda delta: trial_config(options.overrides, delta), log=log,
+                        cost=lambda delta: trial_work(trial_config(options.overrides, delta), Path(options.runs_dir)))
+    lend = trial_config(options.overrides, suite.delta(options.profile)).sweep.lend_idle_cores
+    if worker_only:
+        if lend:  # this worker's core to the trials the others are still training
+            study = open_study(suite, options)
+            _lend_until(lambda: not _running_here(study), options)
+        return records, prepared
+    if helpers:
+        if lend:
+            _lend_until(lambda: all(helper.poll() is not None for helper in helpers), options)
+        records = join_workers(helpers, suite, options)
+    return records, prepared
 
 
 def _lend_until(done, options) -> None:
@@ -175,17 +193,51 @@ def _running_here(study) -> bool:
     return any(t.user_attrs.get("host") == host for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
-def record_session(folder: Path, started: float, request: SuiteRequest, trials: int) -> None:
-    """Append this invocation's wall clock (start to every trial recorded, before extras and report) to
-    runs/<suite>/sessions.jsonl, which the report's provenance sums."""
-    from ablations.provenance import provenance
+class SessionClock:
+    """The wall clock of one `tafm run` of a suite (start until every trial is recorded, before extras and
+    report), for the report's provenance. While it runs, runs/<suite>/sessions.open/<start>-<pid>-<id>.json holds
+    the time so far, rewritten every HEARTBEAT_S by a daemon thread: a run killed or interrupted leaves it,
+    so its time (to within HEARTBEAT_S) still counts. `finish` appends the whole run to sessions.jsonl and
+    removes the open file."""
 
-    entry = {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
-             "wall_s": round(time.time() - started, 1), "workers": request.workers, "seeds": request.seeds,
-             "trials_recorded": trials, "git_commit": provenance().get("git_commit")}
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / SESSIONS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    def __init__(self, folder: Path, request: SuiteRequest, heartbeat_s: float = HEARTBEAT_S):
+        from ablations.provenance import provenance
+
+        self.folder = Path(folder)
+        self.started = time.time()
+        self.entry = {"started": dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(timespec="seconds"),
+                      "wall_s": 0.0, "workers": request.workers, "seeds": request.seeds,
+                      "git_commit": provenance().get("git_commit")}
+        self.path = self.folder / OPEN_SESSIONS / f"{int(self.started)}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(heartbeat_s,), daemon=True, name="session-clock")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self.entry["wall_s"] = round(time.time() - self.started, 1)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entry))
+        os.replace(tmp, self.path)
+
+    def _run(self, heartbeat_s: float) -> None:
+        while not self._stopped.wait(heartbeat_s):
+            self._beat()
+
+    def stop(self) -> None:
+        """Stop the heartbeat, with the time so far written: the open file stays until `finish`."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._thread.join()
+            self._beat()
+
+    def finish(self, trials: int) -> None:
+        self.stop()
+        entry = {**self.entry, "trials_recorded": trials}
+        with open(self.folder / SESSIONS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.path.unlink(missing_ok=True)
 
 
 def results_table(records: Sequence[TrialRecord], metric: str) -> List[str]:

@@ -306,20 +306,30 @@ def _stage1_note(records: List[TrialRecord]) -> List[str]:
 
 
 def read_sessions(suite_dir: Path) -> List[dict]:
-    """The `tafm run` invocations of a suite (runs/<suite>/sessions.jsonl), oldest first; [] if none."""
+    """The `tafm run` invocations of a suite, oldest first: the finished ones (runs/<suite>/sessions.jsonl)
+    and the unfinished ones (sessions.open/*.json, killed or still running: `"unfinished": True`, their time
+    up to their last heartbeat); [] if none."""
     path = Path(suite_dir) / "sessions.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sessions = []
+    if path.is_file():
+        sessions += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for open_file in sorted((Path(suite_dir) / "sessions.open").glob("*.json")):
+        try:
+            sessions.append({**json.loads(open_file.read_text(encoding="utf-8")), "unfinished": True})
+        except (OSError, json.JSONDecodeError):  # removed or being replaced as we read: its run just finished
+            continue
+    return sorted(sessions, key=lambda s: str(s.get("started") or ""))
 
 
 def wall_time_text(sessions: List[dict]) -> str:
-    """`42 min (2 runs, 2 workers)`: the summed wall clock of a suite's invocations."""
+    """`42 min (2 runs, 2 workers)`: the summed wall clock of a suite's invocations; unfinished ones (killed
+    or still running) count up to their last heartbeat and are said: `(3 runs, 2 unfinished, 2 workers)`."""
     if not sessions:
         return "not recorded"
     total = sum(float(s.get("wall_s") or 0.0) for s in sessions)
     workers = sorted({int(s.get("workers") or 1) for s in sessions})
-    runs = f"{len(sessions)} run{'s' if len(sessions) > 1 else ''}"
+    unfinished = sum(bool(s.get("unfinished")) for s in sessions)
+    runs = f"{len(sessions)} run{'s' if len(sessions) > 1 else ''}" + (f", {unfinished} unfinished" if unfinished else "")
     return f"{total / 60:.0f} min ({runs}, {'/'.join(map(str, workers))} worker{'s' if workers != [1] else ''})"
 
 
@@ -335,7 +345,7 @@ def _provenance(records: List[TrialRecord], sessions: Optional[List[dict]] = Non
             "matches is a finding of this run, not a given).",
             f"- Seeds: {seeds}; trials: {len(records)}; commit: {commits}; machine: {machines}.",
             f"- Wall time: {wall_time_text(sessions or [])}, from each `tafm run` start until its trials were recorded "
-            "(extras and report not included).",
+            "(extras and report not included); a run killed or interrupted counts until its last 30-s heartbeat.",
             *_stage1_note(records),
             *_width_note(records),
             f"- Generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the suite's records."]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from reports.tables import ReportError, report_provenance, write_index, write_report
+from reports.tables import ReportError, read_sessions, report_provenance, wall_time_text, write_index, write_report
 
 
 def _row(kind, alpha, map50, seed=0, after=("conv13",), arch="lstm_ssd", alpha_lstm=None, **metrics):
@@ -300,3 +302,32 @@ def test_a_searchs_pruned_trials_are_listed_with_their_reason_and_points_read_sh
     assert "- search-0001 (model.alpha_lstm=0.456): 1.230B MACs over the budget 1.150B" in text
     assert "(model.alpha_lstm=0.141)" in text and "(model.alpha_lstm=0.2)" in text  # rows of one model, told apart
     assert len(_table_rows(text)) == 2
+
+
+def test_a_killed_run_keeps_its_time_and_a_finished_one_moves_to_the_sessions_file(tmp_path):
+    """The clock of a `tafm run` is on disk while it runs: a run killed mid-suite still counts in the report's
+    wall time, marked unfinished; a finished one is one line of sessions.jsonl and leaves no open file."""
+    from ablations.pipeline import SessionClock, SuiteRequest
+
+    folder = tmp_path / "runs" / "table3_recurrent"
+    killed = SessionClock(folder, SuiteRequest("table3_recurrent", workers=2), heartbeat_s=0.05)
+    killed.started -= 1200  # as if it had run 20 minutes
+    time.sleep(0.3)
+    killed._stopped.set()  # the process dies: no stop(), no finish()
+    killed._thread.join()
+    (wall,) = [json.loads(p.read_text())["wall_s"] for p in (folder / "sessions.open").glob("*.json")]
+    assert 1200 <= wall < 1210  # the heartbeat wrote the time so far
+    finished = SessionClock(folder, SuiteRequest("table3_recurrent", workers=2))
+    finished.started -= 600
+    finished.finish(trials=4)
+    assert len(list((folder / "sessions.open").glob("*.json"))) == 1  # only the killed run's
+    (line,) = (folder / "sessions.jsonl").read_text().splitlines()
+    assert json.loads(line)["trials_recorded"] == 4 and 600 <= json.loads(line)["wall_s"] < 610
+    sessions = read_sessions(folder)
+    assert sorted(bool(s.get("unfinished")) for s in sessions) == [False, True]
+    assert wall_time_text(sessions) == "30 min (2 runs, 1 unfinished, 2 workers)"
+    runs = _write(tmp_path / "r", "table3_recurrent", [_row("none", 0.5, 0.30, after=()), _row("gru", 0.5, 0.40)])
+    shutil.copytree(folder, runs / "table3_recurrent", dirs_exist_ok=True)
+    text = write_report("table3_recurrent", "table3", "Table 3", runs, tmp_path / "reports").read_text()
+    assert "Wall time: 30 min (2 runs, 1 unfinished, 2 workers)" in text
+    assert report_provenance(text)["wall"] == "30 min (2 runs, 1 unfinished, 2 workers)"

@@ -68,6 +68,7 @@ def test_smoke_records_are_complete_and_match_the_study(smoke_run):
     assert kinds == {"none", "bottleneck_lstm"}
     sessions = [json.loads(line) for line in (smoke_run / "smoke" / "sessions.jsonl").read_text().splitlines()]
     assert len(sessions) == 1 and sessions[0]["wall_s"] > 0 and sessions[0]["trials_recorded"] == 2
+    assert not list((smoke_run / "smoke" / "sessions.open").glob("*"))  # the finished run's clock moved out
     assert "Wall time: " in (smoke_run.parent / "reports" / "smoke" / "README.md").read_text()
 
 
