@@ -67,6 +67,11 @@ def test_the_peaks_gemms_are_exported_once_and_timed_as_often_as_asked(tmp_path,
     peaks = [latency.measure_peak("onnx", threads=1, pin_core=pin, repeats=2, warmup=1, exported=exported) for _ in range(2)]
     assert not exports and all(set(peak.runtimes) == {"torch", "onnx"} for peak in peaks)
     assert all(peak.macs in (32 ** 3, 64 ** 3) for peak in peaks)
+    only = latency.measure_peak("onnx", threads=1, pin_core=pin, repeats=2, warmup=1, exported=exported,
+                                sizes=(64,), runtimes=("onnx",))
+    assert not exports and set(only.runtimes) == {"onnx"} and only.macs == 64 ** 3  # the subset asked for
+    with pytest.raises(ValueError, match="none of the exported GEMMs"):
+        latency.measure_peak("onnx", threads=1, pin_core=pin, exported=exported, sizes=(512,))
 
 
 def test_repeated_rounds_report_their_spread(tiny_onnx):

@@ -182,13 +182,22 @@ def export_gemms(folder: Union[str, Path], sizes: Sequence[int] = PEAK_SIZES,
 
 
 def measure_peak(fmt: Optional[str] = None, threads: int = DEFAULT_THREADS, pin_core: Optional[int] = DEFAULT_PIN_CORE,
-                 sizes: Sequence[int] = PEAK_SIZES, repeats: int = PEAK_REPEATS, warmup: int = 2,
+                 sizes: Optional[Sequence[int]] = None, repeats: int = PEAK_REPEATS, warmup: int = 2,
                  runtimes: Optional[Sequence[str]] = None, exported: Optional[GemmExports] = None) -> PeakResult:
     """The core's GEMM ceiling: square GEMMs of each size in every available runtime (`fmt`, the runtime of the
     model being judged, must be one of them), the same threads and pinning as the models, the best of
     `repeats` calls each; the fastest runtime's best is the peak. `exported` (from `export_gemms`): the GEMMs
-    to time, exported before; otherwise they are exported now."""
+    to time, exported before, all of them or those of `sizes` / `runtimes` where given; otherwise they are
+    exported now (`sizes` PEAK_SIZES unless given)."""
     present = available_runtimes()
+    if exported is not None:
+        given = dict(exported)
+        exported = {(r, n): path for (r, n), path in given.items()
+                    if (sizes is None or n in sizes) and (runtimes is None or r in runtimes)}
+        if not exported:
+            raise ValueError(f"measure_peak: none of the exported GEMMs {sorted(given)} is of sizes {list(sizes or [])} "
+                             f"and runtimes {list(runtimes or PEAK_RUNTIMES)}: export those with export_gemms")
+    sizes = PEAK_SIZES if sizes is None else sizes
     chosen = sorted({r for r, _ in exported}, key=PEAK_RUNTIMES.index) if exported else \
         [r for r in (runtimes or PEAK_RUNTIMES) if r in present]
     if fmt is not None and fmt not in FORMATS:
