@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -407,7 +407,8 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
         written.append((suite.name, suite.description, path))
         log(f"wrote {path}")
         log_report(mode, suite.name, runs_dir / suite.name, records_frame(load_records(runs_dir, suite.name)), path)
-    if written:
-        index = write_index([(name, load_suite(name).description) for name in available_suites()], out_dir)
-        log(f"wrote {index}")
+    if written:  # every built-in suite, and a suite from a file (`tafm run PATH.yaml`) just reported
+        listed = [(name, load_suite(name).description) for name in available_suites()]
+        listed += [(name, description) for name, description, _ in written if name not in available_suites()]
+        log(f"wrote {write_index(listed, out_dir)}")
     return [path for _, _, path in written]

@@ -122,3 +122,6 @@ profiles:
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     assert main(["run", str(suite), "--runs-dir", str(runs), "--wandb", "disabled", "--report-dir", str(reports)]) == 0
     assert "bottleneck_lstm" in (reports / "my_suite" / "README.md").read_text()
+    index = (reports / "README.md").read_text()  # the run rewrote the index: the user's suite and the built-in ones
+    assert "[one tiny trial from a user's own file](my_suite/README.md)" in index
+    assert "| table3_recurrent | not run yet: no report |" in index
