@@ -408,7 +408,8 @@ def report_suites(names: Sequence[str], runs_dir: Path, out_dir: Path, mode: str
         log(f"wrote {path}")
         log_report(mode, suite.name, runs_dir / suite.name, records_frame(load_records(runs_dir, suite.name)), path)
     if written:  # every built-in suite, and a suite from a file (`tafm run PATH.yaml`) just reported
-        listed = [(name, load_suite(name).description) for name in available_suites()]
-        listed += [(name, description) for name, description, _ in written if name not in available_suites()]
+        built_in = available_suites()
+        listed = [(name, load_suite(name).description) for name in built_in]
+        listed += [(name, description) for name, description, _ in written if name not in built_in]
         log(f"wrote {write_index(listed, out_dir)}")
     return [path for _, _, path in written]

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import pandas as pd
 
 from ablations import paper
+from ablations.pipeline import HEARTBEAT_S, OPEN_SESSIONS, SESSIONS
 from ablations.records import TrialRecord, read_results
 from lightning_modules.markdown import markdown_row, markdown_table
 from reports import paper_tables  # noqa: F401  (registers the paper's tables)
@@ -309,11 +310,11 @@ def read_sessions(suite_dir: Path) -> List[dict]:
     """The `tafm run` invocations of a suite, oldest first: the finished ones (runs/<suite>/sessions.jsonl)
     and the unfinished ones (sessions.open/*.json, killed or still running: `"unfinished": True`, their time
     up to their last heartbeat); [] if none."""
-    path = Path(suite_dir) / "sessions.jsonl"
+    path = Path(suite_dir) / SESSIONS
     sessions = []
     if path.is_file():
         sessions += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for open_file in sorted((Path(suite_dir) / "sessions.open").glob("*.json")):
+    for open_file in sorted((Path(suite_dir) / OPEN_SESSIONS).glob("*.json")):
         try:
             sessions.append({**json.loads(open_file.read_text(encoding="utf-8")), "unfinished": True})
         except (OSError, json.JSONDecodeError):  # removed or being replaced as we read: its run just finished
@@ -345,7 +346,8 @@ def _provenance(records: List[TrialRecord], sessions: Optional[List[dict]] = Non
             "matches is a finding of this run, not a given).",
             f"- Seeds: {seeds}; trials: {len(records)}; commit: {commits}; machine: {machines}.",
             f"- Wall time: {wall_time_text(sessions or [])}, from each `tafm run` start until its trials were recorded "
-            "(extras and report not included); a run killed or interrupted counts until its last 30-s heartbeat.",
+            f"(extras and report not included); a run killed or interrupted counts until its last {HEARTBEAT_S:.0f}-s "
+            "heartbeat.",
             *_stage1_note(records),
             *_width_note(records),
             f"- Generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the suite's records."]

@@ -195,8 +195,9 @@ def measure_peak(fmt: Optional[str] = None, threads: int = DEFAULT_THREADS, pin_
         exported = {(r, n): path for (r, n), path in given.items()
                     if (sizes is None or n in sizes) and (runtimes is None or r in runtimes)}
         if not exported:
-            raise ValueError(f"measure_peak: none of the exported GEMMs {sorted(given)} is of sizes {list(sizes or [])} "
-                             f"and runtimes {list(runtimes or PEAK_RUNTIMES)}: export those with export_gemms")
+            raise ValueError(f"measure_peak: none of the exported GEMMs {sorted(given)} is of sizes "
+                             f"{list(sizes) if sizes else 'any'} and runtimes {list(runtimes) if runtimes else 'any'}: "
+                             "export those with export_gemms")
     sizes = PEAK_SIZES if sizes is None else sizes
     chosen = sorted({r for r, _ in exported}, key=PEAK_RUNTIMES.index) if exported else \
         [r for r in (runtimes or PEAK_RUNTIMES) if r in present]
