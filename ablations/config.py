@@ -14,7 +14,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from datamodules.data_config import DataConfig
 from lightning_modules.config import ModelConfig, flatten, validate_model
 from lightning_modules.config import flat_config as to_flat_dict  # noqa: F401  (the name the sweep uses)
-from lightning_modules.train_config import TrainConfig
+from lightning_modules.train_config import LrSchedule, TrainConfig
 
 
 @dataclass
@@ -25,6 +25,7 @@ class SweepConfig:
     stage1_lr: Optional[float] = None  # None: train.lr
     stage1_ema_decay: Optional[float] = None  # stage 1's weight EMA (what it is scored with); None: train.ema_decay
     stage1_rms_init: Optional[float] = None  # stage 1's RMSprop mean square at step 0; None: train.rms_init
+    stage1_lr_schedule: Optional[LrSchedule] = None  # stage 1's (train.lr_schedule: step, cosine); None: train's
     stage1_clip_length: Optional[int] = None  # single-frame stage: short clips, more videos per step; None: data.clip_length
     stage1_batch_size: Optional[int] = None  # None: data.batch_size
     stage1_data_root: Optional[str] = None  # stage 1 trains (and is scored) on this dataset; None: data.root

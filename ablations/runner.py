@@ -45,7 +45,8 @@ _NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
 
 # keys added after stages were cached: hashed only when not at their default, so those stages keep their hash
 _HASHED_WHEN_SET = {"sweep.extra_stages": 0, "train.recurrent_lr_factor": 1.0, "sweep.stage1_ema_decay": None,
-                    "train.rms_init": 1.0, "sweep.stage1_rms_init": None}
+                    "train.rms_init": 1.0, "sweep.stage1_rms_init": None, "train.lr_schedule": "step",
+                    "sweep.stage1_lr_schedule": None}
 # speed settings that keep the maths since their stages were cached: hashed at the value those stages had.
 # channels_last changed the BatchNorm sums until its statistics were summed exactly (speed.ExactNHWCBatchNorm2d)
 _HASHED_AS = {"train.channels_last": False}
@@ -110,6 +111,9 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
     if cfg.sweep.stage1_rms_init is not None:
         single.train.rms_init = cfg.sweep.stage1_rms_init
         single.sweep.stage1_rms_init = None  # as the EMA: hashed by what it trains with
+    if cfg.sweep.stage1_lr_schedule is not None:
+        single.train.lr_schedule = cfg.sweep.stage1_lr_schedule
+        single.sweep.stage1_lr_schedule = None  # as the EMA
     if cfg.sweep.stage1_clip_length is not None:
         single.data.clip_length = cfg.sweep.stage1_clip_length
     if cfg.sweep.stage1_batch_size is not None:

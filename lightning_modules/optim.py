@@ -8,6 +8,7 @@ its epsilon sits outside the square root), hence `RMSpropTF`. Clipping by global
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -105,6 +106,21 @@ class StepDecay:
     def __call__(self, step: int) -> float:
         exponent = step // self.decay_steps if self.staircase else step / self.decay_steps
         return self.decay_factor ** exponent
+
+
+@dataclass(frozen=True)
+class CosineDecay:
+    """lr multiplier 0.5 * (1 + cos(pi * step / total_steps)), 0 from total_steps on: a decay to nothing at the
+    run's end (not in the paper, whose runs end on its x0.95 staircase; `train.lr_schedule=cosine`). Picklable."""
+
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        if self.total_steps <= 0:
+            raise ValueError(f"optim.py CosineDecay: total_steps must be positive, got {self.total_steps}")
+
+    def __call__(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
 
 def paper_lr_lambda(decay_steps: int = DEFAULT_DECAY_STEPS, decay_factor: float = DEFAULT_DECAY_FACTOR,

@@ -13,6 +13,13 @@ PAPER_LR_ALPHA_HALF = 0.002
 BASE_LAYER_NAMES = tuple(name for name, _, _ in MOBILENET_V1)
 
 
+class LrSchedule(Enum):
+    """How the learning rate falls over a run."""
+
+    step = "step"  # x lr_decay_factor every lr_decay_steps (TF exponential_decay, staircase: the paper's)
+    cosine = "cosine"  # half a cosine from lr to 0 over the run's steps (not in the paper)
+
+
 class FreezeMode(Enum):
     """How stage 2 freezes the base through Conv13 (reproduction notes Sec. 4)."""
 
@@ -34,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 4e-5  # TF l2_regularizer scale, on conv weights only
     lr_decay_steps: int = 200_000  # lr x lr_decay_factor every lr_decay_steps (staircase)
     lr_decay_factor: float = 0.95
+    lr_schedule: LrSchedule = LrSchedule.step  # cosine: to 0 over train.max_steps (lr_decay_* unused)
     grad_clip_norm: float = 10.0  # clip by global norm; 0 disables
     ema_decay: float = 0.9999  # weight EMA used for evaluation; 0 disables
     ema_warmup: bool = True  # TF num_updates: decay_t = min(decay, (1 + t) / (10 + t))

@@ -26,10 +26,10 @@ from lightning_modules.config import ModelConfig, as_config, plain_config, valid
 from lightning_modules.distill import Teacher, distillation_loss, load_teacher
 from lightning_modules.loss import MultiboxLoss
 from lightning_modules.network import create_model
-from lightning_modules.optim import RMSpropTF, paper_lr_lambda
+from lightning_modules.optim import CosineDecay, RMSpropTF, paper_lr_lambda
 from lightning_modules.postprocess import postprocess
 from lightning_modules.stages import freeze_base, frozen_batchnorms, keep_frozen_bn_eval
-from lightning_modules.train_config import FreezeMode, TrainConfig, resolve_lr  # noqa: F401  (re-exported)
+from lightning_modules.train_config import FreezeMode, LrSchedule, TrainConfig, resolve_lr  # noqa: F401  (re-exported)
 
 def _detach_state(state: Tuple) -> Tuple:
     return tuple(tuple(s.detach() for s in cell) for cell in state)
@@ -135,7 +135,7 @@ class LSTMSSDModule(pl.LightningModule):
         return losses["loss"]
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        """RMSpropTF with L2 on conv weights only (TF regularizers), lr x0.95 every 200k steps."""
+        """RMSpropTF with L2 on conv weights only (TF regularizers), lr x0.95 every 200k steps (`train.lr_schedule`)."""
         cfg = self.train_cfg
         lr = resolve_lr(cfg, self.model_cfg)
         trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
@@ -151,8 +151,13 @@ class LSTMSSDModule(pl.LightningModule):
         optimizer = RMSpropTF([g for g in groups if g["params"]], lr=lr,
                               decay=cfg.rms_decay, momentum=cfg.momentum, epsilon=cfg.epsilon,
                               initial_mean_square=cfg.rms_init)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, paper_lr_lambda(cfg.lr_decay_steps,
-                                                                                 cfg.lr_decay_factor))
+        if cfg.lr_schedule == LrSchedule.cosine:
+            # the run's own length: train.max_steps, or what max_epochs comes to
+            total = cfg.max_steps if cfg.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+            multiplier = CosineDecay(total)
+        else:
+            multiplier = paper_lr_lambda(cfg.lr_decay_steps, cfg.lr_decay_factor)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- online evaluation ----------------------------------------------------------------------

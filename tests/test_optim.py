@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from lightning_modules.optim import RMSpropTF, paper_lr_lambda
+from lightning_modules.optim import CosineDecay, RMSpropTF, paper_lr_lambda
 
 
 def _tf_rmsprop_two_steps(w: float, grads: list[float], lr: float, weight_decay: float = 0.0,
@@ -107,3 +107,13 @@ def test_paper_lr_schedule_staircase() -> None:
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.003, 0.003, 0.0015, 0.0015, 0.00075])
+
+
+def test_cosine_decay_falls_from_one_to_zero_and_pickles():
+    decay = pickle.loads(pickle.dumps(CosineDecay(100)))
+    assert decay(0) == 1.0 and decay(50) == pytest.approx(0.5) and decay(100) == pytest.approx(0.0)
+    assert decay(150) == pytest.approx(0.0)  # past the run's end: no restart
+    values = [decay(step) for step in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError, match="total_steps must be positive"):
+        CosineDecay(0)

@@ -12,6 +12,7 @@ from ablations.config import load_config
 from ablations.harness import RunOptions, TrialContext
 from ablations.runner import trained_stage
 from ablations.suite import load_suite, trial_config
+from lightning_modules.train_config import LrSchedule
 
 
 @pytest.fixture
@@ -331,3 +332,22 @@ def test_stage1_data_root_trains_stage1_there_and_stage2_on_data_root():
     assert runner.stage1_config(own).data.root == "/data/cue1" and own.data.root == "/data/default"
     assert runner.stage_hash(runner.stage1_config(own)) == runner.stage_hash(runner.stage1_config(there))
     assert runner.stage_hash(own) != runner.stage_hash(there)  # stage 2 trains on its own data.root
+
+
+
+def test_stage1_lr_schedule_sets_stage1s_schedule_only_and_keeps_cached_hashes():
+    keys = ["model.recurrent.type=gru", "model.recurrent.after=[conv13]", "train.max_steps=4",
+            "sweep.stage1_max_steps=6"]
+    plain, cosine = load_config(keys), load_config(keys + ["sweep.stage1_lr_schedule=cosine"])
+    assert runner.stage1_config(cosine).train.lr_schedule == LrSchedule.cosine
+    assert cosine.train.lr_schedule == LrSchedule.step  # stage 2 keeps its own
+    assert runner.stage_hash(runner.stage1_config(cosine)) != runner.stage_hash(runner.stage1_config(plain))
+    assert runner.stage_hash(cosine) != runner.stage_hash(plain)  # its stage 2 starts from another stage 1
+    # one stage 1 whether its schedule comes from the sweep key or from train's own
+    everywhere = load_config(keys + ["train.lr_schedule=cosine"])
+    assert runner.stage_hash(runner.stage1_config(cosine)) == runner.stage_hash(runner.stage1_config(everywhere))
+    # the default is not hashed: every stage cached before the key existed keeps its hash
+    assert runner.stage_hash(plain) == runner.stage_hash(load_config(keys + ["train.lr_schedule=step"]))
+    assert runner.stage_hash(plain) == runner.stage_hash(load_config(keys + ["sweep.stage1_lr_schedule=null"]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        load_config(keys + ["train.lr_schedule=linear"])

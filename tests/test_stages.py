@@ -9,7 +9,7 @@ from lightning_modules.config import ModelConfig, RecurrentConfig, RecurrentType
 from lightning_modules.network import create_model
 from lightning_modules.stages import (freeze_base, frozen_batchnorms, init_from_checkpoint, load_matching,
                                       read_net_state)
-from lightning_modules.training import FreezeMode, LSTMSSDModule, TrainConfig, resolve_lr
+from lightning_modules.training import FreezeMode, LrSchedule, LSTMSSDModule, TrainConfig, resolve_lr
 
 SINGLE = RecurrentConfig(type=RecurrentType.none)
 
@@ -124,6 +124,24 @@ def test_recurrent_lr_factor_gives_the_cells_their_own_rate():
     with pytest.raises(ValueError, match="train.recurrent_lr_factor must be > 0"):
         TrainConfig(recurrent_lr_factor=0.0).validate()
 
+
+
+def test_lr_schedule_cosine_falls_to_zero_over_the_run_and_step_is_the_papers():
+    cosine = LSTMSSDModule(tiny(), TrainConfig(init_checkpoint="x.ckpt", lr=0.001, max_steps=8,
+                                                 lr_schedule=LrSchedule.cosine)).configure_optimizers()
+    schedule, optimizer = cosine["lr_scheduler"]["scheduler"], cosine["optimizer"]
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.001) and rates[4] == pytest.approx(0.0005)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+    step = LSTMSSDModule(tiny(), TrainConfig(init_checkpoint="x.ckpt", lr=0.001, max_steps=8)).configure_optimizers()
+    for _ in range(8):
+        step["optimizer"].step()
+        step["lr_scheduler"]["scheduler"].step()
+    assert step["optimizer"].param_groups[0]["lr"] == pytest.approx(0.001)  # x0.95 every 200k steps
 
 def test_train_config_defaults_and_errors():
     assert resolve_lr(TrainConfig(), ModelConfig(alpha=1.0)) == 0.003
