@@ -36,18 +36,21 @@ KINDS = ("cue", "seen", "unseen")
 TOP1 = ("top-1 class", "top-1 pair")
 
 
-def probe(detector, root: Path, videos: int) -> dict:
-    """{kind: [objects, found, right]} of a `load_detector` detector over the first `videos` val videos of
-    the synthetic root; for TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]."""
+def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
+    """{kind: [objects, found, right]} of a `load_detector` detector over the first `videos` videos of the
+    synthetic root's `split` ("val", or "train": the videos the model fitted, to tell memorising from
+    generalising); for TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]."""
     cfg = synth_config_of(root)
     if cfg is None:
         raise SystemExit(f"{root}: not a synthetic dataset (no manifest); the probe needs the generator's cue flags")
-    by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
+    if split not in ("train", "val"):
+        raise SystemExit(f"--split {split!r}: must be train or val")
+    by_name = {v.name: v for v in read_vid(root, split, progress=False, memo=True)[0]}
     counts = {kind: [0, 0, 0] for kind in KINDS + TOP1}
-    for index in range(min(videos, cfg.val_videos)):
-        name = snippet_name("val", index).rpartition("/")[2]
+    for index in range(min(videos, cfg.val_videos if split == "val" else cfg.videos)):
+        name = snippet_name(split, index).rpartition("/")[2]
         video = by_name[name]
-        truth = [[o for o in objects if o.annotated] for _, objects in render_video(cfg, "val", index)]
+        truth = [[o for o in objects if o.annotated] for _, objects in render_video(cfg, split, index)]
         shots = detect_frames(detector, video, video.frames)
         seen: set[int] = set()
         for shot, objects in zip(shots, truth):
@@ -81,14 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="training checkpoints (.ckpt)")
     parser.add_argument("--data-root", default=None, help="synthetic dataset folder (default: the built-in benchmark)")
-    parser.add_argument("--videos", type=int, default=32, help="val videos to probe (default 32)")
+    parser.add_argument("--videos", type=int, default=32, help="videos to probe (default 32)")
+    parser.add_argument("--split", default="val", choices=("train", "val"),
+                        help="val (default), or train: the videos the checkpoints fitted (memorised or learnt?)")
     args = parser.parse_args(argv)
     root = Path(args.data_root) if args.data_root else ensure_synthetic(progress=False)
     print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in KINDS + TOP1) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in KINDS + TOP1) + " |")
     for ckpt in args.checkpoints:
         detector = load_detector(ckpt)
-        counts = probe(detector, root, args.videos)
+        counts = probe(detector, root, args.videos, args.split)
         cells = [f"{r / f:.2f} / {f / n:.2f} (n={n})" if f else f"- / 0.00 (n={n})" for n, f, r in
                  (counts[k] for k in KINDS + TOP1)]
         print(f"| {ckpt} | {model_title(detector[1])} | " + " | ".join(cells) + " |", flush=True)
