@@ -445,6 +445,39 @@ class SearchPoints:
         return _Claimed(ctx, {**self.suite.delta(self.options.profile, params), "seed": 0})
 
 
+#: --set keys that change how fast or how verbosely a suite runs, not what its trials measure: a resumed study
+#: may be given other values (every other override must be the one its first run had)
+SPEED_KEYS = ("train.threads", "train.fold_bn", "train.compile", "train.channels_last", "train.log_every_n_steps",
+              "train.csv_logger", "train.checkpoint_every_n_steps", "data.num_workers", "data.cache_dir",
+              "sweep.lend_idle_cores")
+INPUTS_ATTR = "overrides"
+
+
+def _measured_overrides(overrides: List[str]) -> Dict[str, str]:
+    """{key: value} of the overrides that change what trials measure (the last value of a repeated key)."""
+    pairs = (item.split("=", 1) for item in overrides)
+    return {key.strip(): value.strip() for key, value in (p if len(p) == 2 else (p[0], "") for p in pairs)
+            if key.strip() not in SPEED_KEYS}
+
+
+def check_overrides(study: optuna.Study, suite: Suite, options: RunOptions) -> None:
+    """A study's records are of the settings it first ran with: resuming it with other --set / --data-root
+    values would report its finished trials as this run's (their keys are the grid's, not the settings').
+    The first run stores its settings on the study; a later one with others is a UserError. A study made
+    before this check has none stored: it takes this run's (what it ran with before cannot be known)."""
+    given = _measured_overrides(options.overrides)
+    stored = study.user_attrs.get(INPUTS_ATTR)
+    if stored is None:
+        study.set_user_attr(INPUTS_ATTR, given)
+        return
+    if stored != given:
+        shown = lambda pairs: ", ".join(f"{k}={v}" for k, v in sorted(pairs.items())) or "none"  # noqa: E731
+        raise UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with the overrides "
+                        f"[{shown(stored)}], this run gives [{shown(given)}]: its finished trials would be reported "
+                        f"as this run's. Give the same --set / --data-root to resume it, another --runs-dir (or "
+                        f"--storage) for the new settings, or remove {suite_dir(suite, options)} to start again")
+
+
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
               log: Callable[[str], None] = print,
               cost: Optional[Callable[[Dict[str, Any]], Work]] = None) -> List[TrialRecord]:
@@ -452,6 +485,7 @@ def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config:
     are done; returns the records of every finished trial of the study. `cost` (a grid trial's config
     delta, seed included -> its `Work`) orders the grid longest first and weighs the ETA."""
     study = open_study(suite, options)
+    check_overrides(study, suite, options)
     points = SearchPoints(suite, options, study, log) if suite.search else GridPoints(suite, options, study, log, cost)
     results = suite_dir(suite, options) / "results.csv"
     pace = SuitePace()

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from ablations.config import ConfigError
-from ablations.harness import RunOptions, eta_seconds, open_study
+from ablations.config import ConfigError, UserError, load_config
+from ablations.harness import RunOptions, eta_seconds, open_study, run_study
 from ablations.suite import load_suite
+from lightning_modules.config import nest
 
 WORKER = Path(__file__).parent / "helpers" / "harness_worker.py"
 SUITE = """\
@@ -65,6 +66,31 @@ def test_grid_runs_once_records_match_study_and_rerun_skips(tmp_path, suite_file
         assert column in results.columns
     assert _worker(suite_file, runs).returncode == 0  # rerun: nothing left to do
     assert len(_calls(runs)) == 6
+
+
+
+def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_resumed(tmp_path, suite_file):
+    calls = []
+
+    def trial_fn(cfg, ctx):
+        calls.append(ctx.key)
+        return {"val/vid_map50": cfg.model.alpha, "params": 1}
+
+    def run(*overrides):
+        options = RunOptions(runs_dir=tmp_path / "runs", overrides=list(overrides))
+        return run_study(load_suite(str(suite_file)), options, trial_fn,
+                         lambda delta: load_config([], delta=nest({k: v for k, v in delta.items() if k != "seed"})),
+                         log=lambda line: None)
+
+    assert len(run("train.lr=0.001", "data.root=/data/a")) == 6 and len(calls) == 6
+    # the same settings, and a speed key beside them: resumed, nothing left to train
+    assert len(run("data.root=/data/a", "train.lr=0.001", "train.threads=2")) == 6 and len(calls) == 6
+    with pytest.raises(UserError, match=r"was run with the overrides \[data.root=/data/a, train.lr=0.001\], this "
+                                        r"run gives \[data.root=/data/b, train.lr=0.001\].*another --runs-dir"):
+        run("train.lr=0.001", "data.root=/data/b")
+    with pytest.raises(UserError, match=r"this run gives \[none\]"):
+        run()
+    assert len(calls) == 6  # refused before any trial
 
 
 def test_killed_worker_keeps_finished_trials_and_rerun_retries_the_interrupted_one(tmp_path, suite_file):
