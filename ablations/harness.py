@@ -460,6 +460,10 @@ def _measured_overrides(overrides: List[str]) -> Dict[str, str]:
             if key.strip() not in SPEED_KEYS}
 
 
+def _shown(pairs: Dict[str, str]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(pairs.items())) or "none"
+
+
 def check_overrides(study: optuna.Study, suite: Suite, options: RunOptions) -> None:
     """A study's records are of the settings it first ran with: resuming it with other --set / --data-root
     values would report its finished trials as this run's (their keys are the grid's, not the settings').
@@ -471,9 +475,8 @@ def check_overrides(study: optuna.Study, suite: Suite, options: RunOptions) -> N
         study.set_user_attr(INPUTS_ATTR, given)
         return
     if stored != given:
-        shown = lambda pairs: ", ".join(f"{k}={v}" for k, v in sorted(pairs.items())) or "none"  # noqa: E731
         raise UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with the overrides "
-                        f"[{shown(stored)}], this run gives [{shown(given)}]: its finished trials would be reported "
+                        f"[{_shown(stored)}], this run gives [{_shown(given)}]: its finished trials would be reported "
                         f"as this run's. Give the same --set / --data-root to resume it, another --runs-dir (or "
                         f"--storage) for the new settings, or remove {suite_dir(suite, options)} to start again")
 
