@@ -11,8 +11,10 @@ this track showed it earlier in the video) and `unseen` (no marker yet). `found`
 objects with a detection of either member; accuracy is over found objects (chance 0.5). Two more
 columns over every annotated object: `top-1 class` and `top-1 pair`, whether the highest-scoring
 detection at IoU >= 0.5 (any class) names the object's class, or a member of its pair.
+The last columns split the cue frames by pair (`cue bus/car`, ...): a stage 1 learns one pair's marker
+and not another's (README "Stage 1's learning rate, its data, and what a weak stage 1 lacks").
 
-    python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N]
+    python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N] [--split train|val]
 
 Reads the ground truth from the generator (the dataset's manifest), the images from disk.
 """
@@ -39,7 +41,8 @@ TOP1 = ("top-1 class", "top-1 pair")
 def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
     """{kind: [objects, found, right]} of a `load_detector` detector over the first `videos` videos of the
     synthetic root's `split` ("val", or "train": the videos the model fitted, to tell memorising from
-    generalising); for TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]."""
+    generalising); for TOP1 the counts are [objects, found at IoU >= 0.5, top detection right]; "cue PAIR" (e.g.
+    "cue bus/car") counts the cue frames of that pair's objects alone."""
     cfg = synth_config_of(root)
     if cfg is None:
         raise SystemExit(f"{root}: not a synthetic dataset (no manifest); the probe needs the generator's cue flags")
@@ -72,10 +75,14 @@ def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
                     for j, cid in enumerate(ids):
                         scores = shot.scores[hit & (shot.labels == cid)]
                         best[j] = float(scores.max()) if len(scores) else 0.0
-                counts[kind][0] += 1
-                if max(best) > 0:
-                    counts[kind][1] += 1
-                    counts[kind][2] += int(best[0] > best[1])
+                # each kind, and on cue frames each pair too ("cue car/bus"): a stage 1 learns a pair's marker or not
+                names = (kind, "cue " + "/".join(sorted(cfg.classes[i] for i in (obj.class_index, other))))
+                for key in names[:2 if kind == "cue" else 1]:
+                    tally = counts.setdefault(key, [0, 0, 0])
+                    tally[0] += 1
+                    if max(best) > 0:
+                        tally[1] += 1
+                        tally[2] += int(best[0] > best[1])
             seen.update(o.track for o in objects if o.cue_visible)
     return counts
 
@@ -89,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="val (default), or train: the videos the checkpoints fitted (memorised or learnt?)")
     args = parser.parse_args(argv)
     root = Path(args.data_root) if args.data_root else ensure_synthetic(progress=False)
-    print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in KINDS + TOP1) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in KINDS + TOP1) + " |")
+    cfg = synth_config_of(root)
+    pairs = [f"cue {'/'.join(sorted(cfg.classes[i:i + 2]))}" for i in range(0, len(cfg.classes) - 1, 2)] if cfg else []
+    columns = KINDS + TOP1 + tuple(pairs)
+    print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in columns) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
     for ckpt in args.checkpoints:
         detector = load_detector(ckpt)
         counts = probe(detector, root, args.videos, args.split)
         cells = [f"{r / f:.2f} / {f / n:.2f} (n={n})" if f else f"- / 0.00 (n={n})" for n, f, r in
-                 (counts[k] for k in KINDS + TOP1)]
+                 (counts.get(k, [0, 0, 0]) for k in columns)]
         print(f"| {ckpt} | {model_title(detector[1])} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
