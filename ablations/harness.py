@@ -28,7 +28,7 @@ import pandas as pd
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from ablations.config import UserError
+from ablations.config import UserError, parse_override
 from ablations.records import TrialRecord, from_trial, write_results
 from ablations.records import records_frame as to_frame
 from ablations.suite import Suite, TrialPoint
@@ -453,15 +453,16 @@ SPEED_KEYS = ("train.threads", "train.fold_bn", "train.compile", "train.channels
 INPUTS_ATTR = "overrides"
 
 
-def _measured_overrides(overrides: List[str]) -> Dict[str, str]:
-    """{key: value} of the overrides that change what trials measure (the last value of a repeated key)."""
-    pairs = (item.split("=", 1) for item in overrides)
-    return {key.strip(): value.strip() for key, value in (p if len(p) == 2 else (p[0], "") for p in pairs)
-            if key.strip() not in SPEED_KEYS}
+def _measured_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """{key: parsed value} of the overrides that change what trials measure (the last value of a repeated key;
+    parsed as the config parses them, so `train.lr=1e-3` and `train.lr=0.001` are one setting)."""
+    pairs = (parse_override(item) for item in overrides)
+    return {key: value for key, value in pairs if key not in SPEED_KEYS}
 
 
-def _shown(pairs: Dict[str, str]) -> str:
-    return ", ".join(f"{key}={value}" for key, value in sorted(pairs.items())) or "none"
+def _shown(pairs: Dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                     for key, value in sorted(pairs.items())) or "none"
 
 
 def check_overrides(study: optuna.Study, suite: Suite, options: RunOptions) -> None:

@@ -83,8 +83,8 @@ def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_res
                          log=lambda line: None)
 
     assert len(run("train.lr=0.001", "data.root=/data/a")) == 6 and len(calls) == 6
-    # the same settings, and a speed key beside them: resumed, nothing left to train
-    assert len(run("data.root=/data/a", "train.lr=0.001", "train.threads=2")) == 6 and len(calls) == 6
+    # the same settings (in another order and spelling), and a speed key beside them: resumed, nothing retrained
+    assert len(run("data.root=/data/a", "train.lr=1e-3", "train.threads=2")) == 6 and len(calls) == 6
     with pytest.raises(UserError, match=r"was run with the overrides \[data.root=/data/a, train.lr=0.001\], this "
                                         r"run gives \[data.root=/data/b, train.lr=0.001\].*another --runs-dir"):
         run("train.lr=0.001", "data.root=/data/b")
