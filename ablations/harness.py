@@ -28,7 +28,7 @@ import pandas as pd
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from ablations.config import UserError, parse_override
+from ablations.config import SPEED_KEYS, UserError, parse_override
 from ablations.records import TrialRecord, from_trial, write_results
 from ablations.records import records_frame as to_frame
 from ablations.suite import Suite, TrialPoint
@@ -445,11 +445,9 @@ class SearchPoints:
         return _Claimed(ctx, {**self.suite.delta(self.options.profile, params), "seed": 0})
 
 
-#: --set keys that change how fast or how verbosely a suite runs, not what its trials measure: a resumed study
-#: may be given other values (every other override must be the one its first run had)
-SPEED_KEYS = ("train.threads", "train.fold_bn", "train.compile", "train.channels_last", "train.log_every_n_steps",
-              "train.csv_logger", "train.checkpoint_every_n_steps", "data.num_workers", "data.cache_dir",
-              "sweep.lend_idle_cores")
+#: --set keys a resumed study may be given other values of (every other override must be its first run's): the
+#: speed keys, and NHWC, which keeps the maths but is hashed as NCHW for the stages cached before it (runner)
+RESUMABLE_KEYS = (*SPEED_KEYS, "train.channels_last")
 INPUTS_ATTR = "overrides"
 
 
@@ -457,7 +455,7 @@ def _measured_overrides(overrides: List[str]) -> Dict[str, Any]:
     """{key: parsed value} of the overrides that change what trials measure (the last value of a repeated key;
     parsed as the config parses them, so `train.lr=1e-3` and `train.lr=0.001` are one setting)."""
     pairs = (parse_override(item) for item in overrides)
-    return {key: value for key, value in pairs if key not in SPEED_KEYS}
+    return {key: value for key, value in pairs if key not in RESUMABLE_KEYS}
 
 
 def _shown(pairs: Dict[str, Any]) -> str:

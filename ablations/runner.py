@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from ablations.config import TafmConfig, UserError, to_flat_dict
+from ablations.config import SPEED_KEYS, TafmConfig, UserError, to_flat_dict
 from ablations.cores import LendIdleCores, stage_lock
 from ablations.harness import TrialContext, Work, error_line
 from ablations.progress import TrainProgress
@@ -33,13 +33,11 @@ from reports.significance import VideoMatches
 
 STAGES_DIR = "_stages"
 DONE = "done.json"
-# keys that do not change what a stage trains: evaluation-only, bookkeeping, or speed settings that keep
-# the maths (threads, folded BatchNorm, torch.compile: same losses to float rounding)
-_NOT_TRAINING = ("train.threads", "train.fold_bn", "train.compile",
+# keys that do not change what a stage trains: speed settings that keep the maths, evaluation-only, bookkeeping
+_NOT_TRAINING = (*SPEED_KEYS,
                  "data.occlusion_p", "data.occlusion_seed", "data.eval_protocol", "data.minival_frames",
-                 "data.max_val_videos", "data.minival_seed", "data.num_workers", "data.cache_dir", "data.strict", "train.out_dir",
-                 "train.csv_logger", "train.log_every_n_steps", "train.eval_clean_and_occluded",
-                 "train.checkpoint_every_n_steps", "sweep.latency", "sweep.latency_frames", "sweep.lend_idle_cores",
+                 "data.max_val_videos", "data.minival_seed", "data.strict", "train.out_dir",
+                 "train.eval_clean_and_occluded", "sweep.latency", "sweep.latency_frames",
                  "sweep.control_stages")  # in the control's own train.max_steps (_control_config)
 
 
@@ -104,16 +102,11 @@ def stage1_config(cfg: TafmConfig) -> TafmConfig:
         single.train.max_steps = cfg.sweep.stage1_max_steps
     if cfg.sweep.stage1_lr is not None:
         single.train.lr = cfg.sweep.stage1_lr
-    if cfg.sweep.stage1_ema_decay is not None:
-        single.train.ema_decay = cfg.sweep.stage1_ema_decay
-        # hashed by the EMA it trains with: stage 2's own train.ema_decay can vary over cached stage 1s
-        single.sweep.stage1_ema_decay = None
-    if cfg.sweep.stage1_rms_init is not None:
-        single.train.rms_init = cfg.sweep.stage1_rms_init
-        single.sweep.stage1_rms_init = None  # as the EMA: hashed by what it trains with
-    if cfg.sweep.stage1_lr_schedule is not None:
-        single.train.lr_schedule = cfg.sweep.stage1_lr_schedule
-        single.sweep.stage1_lr_schedule = None  # as the EMA
+    for key in ("ema_decay", "rms_init", "lr_schedule"):  # sweep.stage1_KEY sets stage 1's train.KEY
+        if getattr(cfg.sweep, f"stage1_{key}") is not None:
+            setattr(single.train, key, getattr(cfg.sweep, f"stage1_{key}"))
+            # hashed by what it trains with: stage 2's own train.KEY can vary over cached stage 1s
+            setattr(single.sweep, f"stage1_{key}", None)
     if cfg.sweep.stage1_clip_length is not None:
         single.data.clip_length = cfg.sweep.stage1_clip_length
     if cfg.sweep.stage1_batch_size is not None:

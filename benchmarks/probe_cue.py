@@ -46,8 +46,6 @@ def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
     cfg = synth_config_of(root)
     if cfg is None:
         raise SystemExit(f"{root}: not a synthetic dataset (no manifest); the probe needs the generator's cue flags")
-    if split not in ("train", "val"):
-        raise SystemExit(f"--split {split!r}: must be train or val")
     by_name = {v.name: v for v in read_vid(root, split, progress=False, memo=True)[0]}
     counts = {kind: [0, 0, 0] for kind in KINDS + TOP1}
     for index in range(min(videos, cfg.val_videos if split == "val" else cfg.videos)):
