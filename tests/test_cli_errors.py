@@ -88,13 +88,10 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ],
 )
 def test_argument_and_suite_errors_fail_fast_without_importing_the_training_stack(tmp_path, args, expected):
-    start = time.monotonic()
     proc = _cli("run", *args, "--runs-dir", str(tmp_path / "runs"))
-    elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("tafm: error: ") and "\n" not in proc.stderr.strip() and expected in proc.stderr
     assert "imported: []" in proc.stdout  # torch, Lightning, Optuna, pandas: none loaded to say this
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
     assert not (tmp_path / "runs").exists()  # no study opened
 
 
