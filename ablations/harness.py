@@ -449,6 +449,7 @@ class SearchPoints:
 #: speed keys, and NHWC, which keeps the maths but is hashed as NCHW for the stages cached before it (runner)
 RESUMABLE_KEYS = (*SPEED_KEYS, "train.channels_last")
 INPUTS_ATTR = "overrides"
+SETTINGS_ATTR = "suite_settings"
 
 
 def _measured_overrides(overrides: List[str]) -> Dict[str, Any]:
@@ -458,26 +459,52 @@ def _measured_overrides(overrides: List[str]) -> Dict[str, Any]:
     return {key: value for key, value in pairs if key not in RESUMABLE_KEYS}
 
 
+def _suite_settings(suite: Suite, profile: str) -> Dict[str, Any]:
+    """What every trial of the suite's profile shares (its base, its profile block and the recipe defaults
+    under it) less the speed keys, as JSON stores it (a study attribute round-trips through JSON)."""
+    settings = {key: value for key, value in suite.delta(profile).items() if key not in RESUMABLE_KEYS}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
 def _shown(pairs: Dict[str, Any]) -> str:
     return ", ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
                      for key, value in sorted(pairs.items())) or "none"
 
 
+def _changed(stored: Dict[str, Any], given: Dict[str, Any]) -> str:
+    """`key: old -> new` for each key whose value differs (`unset` where one side lacks it)."""
+    def shown(pairs: Dict[str, Any], key: str) -> str:
+        return json.dumps(pairs[key]) if key in pairs else "unset"
+    return "; ".join(f"{key}: {shown(stored, key)} -> {shown(given, key)}"
+                     for key in sorted(set(stored) | set(given)) if stored.get(key, ...) != given.get(key, ...))
+
+
 def check_overrides(study: optuna.Study, suite: Suite, options: RunOptions) -> None:
     """A study's records are of the settings it first ran with: resuming it with other --set / --data-root
-    values would report its finished trials as this run's (their keys are the grid's, not the settings').
-    The first run stores its settings on the study; a later one with others is a UserError. A study made
-    before this check has none stored: it takes this run's (what it ran with before cannot be known)."""
+    values, or after its suite file's base or profile (or the recipe defaults under them) changed, would
+    report its finished trials as this run's (their keys are the grid's, not the settings'). The first run
+    stores both on the study; a later one with others is a UserError. A study made before a check existed
+    has nothing stored for it: it takes this run's (what it ran with before cannot be known)."""
+    fresh_start = (f"another --runs-dir (or --storage) for the new settings, or remove "
+                   f"{suite_dir(suite, options)} to start again")
     given = _measured_overrides(options.overrides)
     stored = study.user_attrs.get(INPUTS_ATTR)
     if stored is None:
         study.set_user_attr(INPUTS_ATTR, given)
-        return
-    if stored != given:
+    elif stored != given:
         raise UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with the overrides "
                         f"[{_shown(stored)}], this run gives [{_shown(given)}]: its finished trials would be reported "
-                        f"as this run's. Give the same --set / --data-root to resume it, another --runs-dir (or "
-                        f"--storage) for the new settings, or remove {suite_dir(suite, options)} to start again")
+                        f"as this run's. Give the same --set / --data-root to resume it, {fresh_start}")
+    settings = _suite_settings(suite, options.profile)
+    stored_settings = study.user_attrs.get(SETTINGS_ATTR)
+    if stored_settings is None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+    elif stored_settings != settings:
+        raise UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with other settings "
+                        f"than suite {suite.name!r} ({suite.source}) now gives its {options.profile!r} profile "
+                        f"({_changed(stored_settings, settings)}; the suite file's base or profile block, or the "
+                        f"recipe defaults in ablations/suite.py PROFILE_DEFAULTS): its finished trials would be "
+                        f"reported as this run's. Restore those settings to resume it, or use {fresh_start}")
 
 
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],

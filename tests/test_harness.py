@@ -93,6 +93,34 @@ def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_res
     assert len(calls) == 6  # refused before any trial
 
 
+def test_a_study_resumed_after_its_suite_file_changed_is_refused(tmp_path, suite_file):
+    calls = []
+
+    def trial_fn(cfg, ctx):
+        calls.append(ctx.key)
+        return {"val/vid_map50": cfg.model.alpha, "params": 1}
+
+    def run():
+        options = RunOptions(runs_dir=tmp_path / "runs")
+        return run_study(load_suite(str(suite_file)), options, trial_fn,
+                         lambda delta: load_config([], delta=nest({k: v for k, v in delta.items() if k != "seed"})),
+                         log=lambda line: None)
+
+    assert len(run()) == 6 and len(calls) == 6
+    # a comment, the description and a speed key in the profile change no trial: resumed, nothing retrained
+    suite_file.write_text(SUITE.replace("harness test suite", "harness test suite, described again") +
+                          "# a comment\nprofiles:\n  synthetic: {train.threads: 2}\n")
+    assert len(run()) == 6 and len(calls) == 6
+    suite_file.write_text(SUITE.replace("model.input_size: 64", "model.input_size: 96"))
+    with pytest.raises(UserError, match=r"harness_test.yaml\) now gives its 'synthetic' profile \(model.input_size: "
+                                        r"64 -> 96;.*Restore those settings.*another --runs-dir"):
+        run()
+    suite_file.write_text(SUITE + "profiles:\n  synthetic: {train.max_steps: 5}\n")
+    with pytest.raises(UserError, match=r"train.max_steps: 300 -> 5"):
+        run()
+    assert len(calls) == 6  # refused before any trial
+
+
 def test_killed_worker_keeps_finished_trials_and_rerun_retries_the_interrupted_one(tmp_path, suite_file):
     runs = tmp_path / "runs"
     first = _load_keys(suite_file)
