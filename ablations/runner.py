@@ -271,15 +271,17 @@ def trained_stage(cfg: TafmConfig, runs_dir: Path, log=print, callbacks: Sequenc
 def done_checkpoint(directory: Path) -> Path:
     """The checkpoint a finished stage's done.json names. Stages written before it was stored relative to
     `directory` name it relative to the working directory of the run that trained it: found in
-    `directory` by the same relative path's tail, so a cache copied, linked or read from elsewhere serves."""
+    `directory` by the same relative path's tail, so a cache copied, linked or read from elsewhere serves.
+    A checkpoint that is nowhere is a UserError: retrying the trial would find the same cache, so the suite
+    stops at once and says what to delete."""
     stored = Path(json.loads((directory / DONE).read_text())["checkpoint"])
     candidates = [stored] if stored.is_absolute() else [directory / stored, stored]
     candidates.append(directory / "checkpoints" / stored.name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{directory / DONE} names checkpoint {stored}, which is not in {directory}: "
-                            f"delete {directory} to train that stage again")
+    raise UserError(f"{directory / DONE} names checkpoint {stored}, which is not in {directory}: "
+                    f"delete {directory} to train that stage again")
 
 
 def _describe(cfg: TafmConfig) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 import ablations.runner as runner
 import lightning_modules.fit as fit_module
-from ablations.config import load_config
+from ablations.config import UserError, load_config
 from ablations.harness import RunOptions, TrialContext
 from ablations.runner import trained_stage
 from ablations.suite import load_suite, trial_config
@@ -65,7 +65,7 @@ def test_a_cached_stage_serves_runs_from_another_working_directory_and_after_a_m
     done.write_text(done.read_text().replace('"checkpoints/', f'"runs/{runner.STAGES_DIR}/{found.parent.parent.name}/checkpoints/'))
     assert trained_stage(_cfg("none", "true"), moved, log=lambda s: None) == found and len(fits) == 2  # older cache
     found.unlink()
-    with pytest.raises(FileNotFoundError, match=f"delete .*{found.parent.parent.name}"):
+    with pytest.raises(UserError, match=f"delete .*{found.parent.parent.name}"):  # stops the suite: not retried
         trained_stage(_cfg("none", "true"), moved, log=lambda s: None)
 
 
