@@ -479,7 +479,7 @@ def _changed(stored: Dict[str, Any], given: Dict[str, Any]) -> str:
                      for key in sorted(set(stored) | set(given)) if stored.get(key, ...) != given.get(key, ...))
 
 
-def check_overrides(study: optuna.Study, suite: Suite, options: RunOptions) -> None:
+def check_settings(study: optuna.Study, suite: Suite, options: RunOptions) -> None:
     """A study's records are of the settings it first ran with: resuming it with other --set / --data-root
     values, or after its suite file's base or profile (or the recipe defaults under them) changed, would
     report its finished trials as this run's (their keys are the grid's, not the settings'). The first run
@@ -514,7 +514,7 @@ def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config:
     are done; returns the records of every finished trial of the study. `cost` (a grid trial's config
     delta, seed included -> its `Work`) orders the grid longest first and weighs the ETA."""
     study = open_study(suite, options)
-    check_overrides(study, suite, options)
+    check_settings(study, suite, options)
     points = SearchPoints(suite, options, study, log) if suite.search else GridPoints(suite, options, study, log, cost)
     results = suite_dir(suite, options) / "results.csv"
     pace = SuitePace()

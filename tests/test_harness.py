@@ -69,9 +69,8 @@ def test_grid_runs_once_records_match_study_and_rerun_skips(tmp_path, suite_file
 
 
 
-def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_resumed(tmp_path, suite_file):
-    calls = []
-
+def _in_process(tmp_path, suite_file, calls):
+    """run(*overrides): the suite in this process, each trial's key appended to `calls`; its records."""
     def trial_fn(cfg, ctx):
         calls.append(ctx.key)
         return {"val/vid_map50": cfg.model.alpha, "params": 1}
@@ -81,7 +80,12 @@ def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_res
         return run_study(load_suite(str(suite_file)), options, trial_fn,
                          lambda delta: load_config([], delta=nest({k: v for k, v in delta.items() if k != "seed"})),
                          log=lambda line: None)
+    return run
 
+
+def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_resumed(tmp_path, suite_file):
+    calls = []
+    run = _in_process(tmp_path, suite_file, calls)
     assert len(run("train.lr=0.001", "data.root=/data/a")) == 6 and len(calls) == 6
     # the same settings (in another order and spelling), and a speed key beside them: resumed, nothing retrained
     assert len(run("data.root=/data/a", "train.lr=1e-3", "train.threads=2")) == 6 and len(calls) == 6
@@ -95,17 +99,7 @@ def test_a_study_resumed_with_other_overrides_is_refused_and_with_speed_keys_res
 
 def test_a_study_resumed_after_its_suite_file_changed_is_refused(tmp_path, suite_file):
     calls = []
-
-    def trial_fn(cfg, ctx):
-        calls.append(ctx.key)
-        return {"val/vid_map50": cfg.model.alpha, "params": 1}
-
-    def run():
-        options = RunOptions(runs_dir=tmp_path / "runs")
-        return run_study(load_suite(str(suite_file)), options, trial_fn,
-                         lambda delta: load_config([], delta=nest({k: v for k, v in delta.items() if k != "seed"})),
-                         log=lambda line: None)
-
+    run = _in_process(tmp_path, suite_file, calls)
     assert len(run()) == 6 and len(calls) == 6
     # a comment, the description and a speed key in the profile change no trial: resumed, nothing retrained
     suite_file.write_text(SUITE.replace("harness test suite", "harness test suite, described again") +
