@@ -485,26 +485,26 @@ def check_settings(study: optuna.Study, suite: Suite, options: RunOptions) -> No
     report its finished trials as this run's (their keys are the grid's, not the settings'). The first run
     stores both on the study; a later one with others is a UserError. A study made before a check existed
     has nothing stored for it: it takes this run's (what it ran with before cannot be known)."""
-    fresh_start = (f"another --runs-dir (or --storage) for the new settings, or remove "
-                   f"{suite_dir(suite, options)} to start again")
+    def refused(ran_with: str, to_resume: str) -> UserError:
+        return UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with {ran_with}: its "
+                         f"finished trials would be reported as this run's. {to_resume}, another --runs-dir (or "
+                         f"--storage) for the new settings, or remove {suite_dir(suite, options)} to start again")
+
     given = _measured_overrides(options.overrides)
     stored = study.user_attrs.get(INPUTS_ATTR)
     if stored is None:
         study.set_user_attr(INPUTS_ATTR, given)
     elif stored != given:
-        raise UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with the overrides "
-                        f"[{_shown(stored)}], this run gives [{_shown(given)}]: its finished trials would be reported "
-                        f"as this run's. Give the same --set / --data-root to resume it, {fresh_start}")
+        raise refused(f"the overrides [{_shown(stored)}], this run gives [{_shown(given)}]",
+                      "Give the same --set / --data-root to resume it")
     settings = _suite_settings(suite, options.profile)
-    stored_settings = study.user_attrs.get(SETTINGS_ATTR)
-    if stored_settings is None:
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
-    elif stored_settings != settings:
-        raise UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with other settings "
-                        f"than suite {suite.name!r} ({suite.source}) now gives its {options.profile!r} profile "
-                        f"({_changed(stored_settings, settings)}; the suite file's base or profile block, or the "
-                        f"recipe defaults in ablations/suite.py PROFILE_DEFAULTS): its finished trials would be "
-                        f"reported as this run's. Restore those settings to resume it, or use {fresh_start}")
+    elif stored != settings:
+        raise refused(f"other settings than suite {suite.name!r} ({suite.source}) now gives its {options.profile!r} "
+                      f"profile ({_changed(stored, settings)}; the suite file's base or profile block, or the recipe "
+                      f"defaults in ablations/suite.py PROFILE_DEFAULTS)", "Restore those settings to resume it")
 
 
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
