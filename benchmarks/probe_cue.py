@@ -38,6 +38,11 @@ KINDS = ("cue", "seen", "unseen")
 TOP1 = ("top-1 class", "top-1 pair")
 
 
+def cue_column(classes: tuple[str, ...], position: int) -> str:
+    """The cue-frame column of the pair of the class at `position`: "cue bus/car" (the pair's names sorted)."""
+    return "cue " + "/".join(sorted(classes[i] for i in (position, partner(position, len(classes)))))
+
+
 def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
     """{kind: [objects, found, right]} of a `load_detector` detector over the first `videos` videos of the
     synthetic root's `split` ("val", or "train": the videos the model fitted, to tell memorising from
@@ -74,8 +79,7 @@ def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
                         scores = shot.scores[hit & (shot.labels == cid)]
                         best[j] = float(scores.max()) if len(scores) else 0.0
                 # each kind, and on cue frames each pair too ("cue car/bus"): a stage 1 learns a pair's marker or not
-                names = (kind, "cue " + "/".join(sorted(cfg.classes[i] for i in (obj.class_index, other))))
-                for key in names[:2 if kind == "cue" else 1]:
+                for key in [kind] + ([cue_column(cfg.classes, obj.class_index)] if kind == "cue" else []):
                     tally = counts.setdefault(key, [0, 0, 0])
                     tally[0] += 1
                     if max(best) > 0:
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.data_root) if args.data_root else ensure_synthetic(progress=False)
     cfg = synth_config_of(root)
-    pairs = [f"cue {'/'.join(sorted(cfg.classes[i:i + 2]))}" for i in range(0, len(cfg.classes) - 1, 2)] if cfg else []
+    pairs = [cue_column(cfg.classes, i) for i in range(0, len(cfg.classes) - 1, 2)] if cfg else []
     columns = KINDS + TOP1 + tuple(pairs)
     print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")

@@ -68,7 +68,6 @@ def test_grid_runs_once_records_match_study_and_rerun_skips(tmp_path, suite_file
     assert len(_calls(runs)) == 6
 
 
-
 def _in_process(tmp_path, suite_file, calls):
     """run(*overrides): the suite in this process, each trial's key appended to `calls`; its records."""
     def trial_fn(cfg, ctx):
