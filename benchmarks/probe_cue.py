@@ -14,6 +14,13 @@ detection at IoU >= 0.5 (any class) names the object's class, or a member of its
 The last columns split the cue frames by pair (`cue bus/car`, ...): a stage 1 learns one pair's marker
 and not another's (README "Stage 1's learning rate, its data, and what a weak stage 1 lacks").
 
+A second table splits a checkpoint's mAP into finding the pair and naming the member, on exactly the frames
+and streams the report scores (each val video's minival window, state reset at its start): `mAP` (the
+report's figure), `pair-merged mAP` (each pair scored as one class: a member's detection counts for either,
+the pair's detections suppressed as one class's, at the checkpoint's NMS IoU) and `pair score` (per annotated
+object, the best score of each member at IoU >= 0.5, summed: how confidently the pair is found), on objects
+with their marker drawn and on those without (README "Where the control's points go").
+
     python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N] [--split train|val]
 
 Reads the ground truth from the generator (the dataset's manifest), the images from disk.
@@ -25,14 +32,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.metrics import devkit_iou  # noqa: E402
+from datamodules.clips import minival_window  # noqa: E402
+from datamodules.metrics import VidEvaluator, devkit_iou  # noqa: E402
 from datamodules.synthetic import ensure_synthetic, render_video, snippet_name  # noqa: E402
 from datamodules.synthetic_cap import _ID_BY_NAME, partner, synth_config_of  # noqa: E402
-from datamodules.vid import read_vid  # noqa: E402
+from datamodules.vid import CLASS_NAMES, read_vid  # noqa: E402
 from lightning_modules.detect import detect_frames, load_detector, model_title  # noqa: E402
+from lightning_modules.postprocess import batched_nms  # noqa: E402
 
 KINDS = ("cue", "seen", "unseen")
 TOP1 = ("top-1 class", "top-1 pair")
@@ -89,6 +99,58 @@ def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
     return counts
 
 
+def pair_ids(classes: tuple[str, ...]) -> dict[int, int]:
+    """Class id -> the id of its pair's first member (an unpaired class maps to itself)."""
+    return {_ID_BY_NAME[name]: _ID_BY_NAME[classes[i - i % 2 if partner(i, len(classes)) is not None else i]]
+            for i, name in enumerate(classes)}
+
+
+def merge_pairs(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, ids: dict[int, int],
+                iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One frame's detections with each pair as one class: labels mapped by `ids`, then the pair's detections
+    suppressed as a single class's would be (greedy NMS at `iou`), so an object found as both members counts once."""
+    merged = np.asarray([ids.get(int(label), int(label)) for label in labels], np.int64)
+    if not len(merged):
+        return boxes, scores, merged
+    keep = batched_nms(torch.as_tensor(boxes, dtype=torch.float64), torch.as_tensor(scores, dtype=torch.float64),
+                       torch.as_tensor(merged), iou).numpy()
+    return boxes[keep], scores[keep], merged[keep]
+
+
+def window_scores(detector, root: Path, videos: int, minival_frames: int = 20, minival_seed: int = 0) -> dict:
+    """mAP, pair-merged mAP (fractions) and the mean pair score of annotated paired objects with and without their
+    marker drawn, over the first `videos` val videos' minival windows, each streamed from its first frame as the
+    evaluation streams it."""
+    cfg = synth_config_of(root)
+    by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
+    ids, nms_iou = pair_ids(cfg.classes), detector[2].nms_iou
+    plain, merged = (VidEvaluator(CLASS_NAMES, len(CLASS_NAMES)) for _ in range(2))
+    pair_score: dict[str, list[float]] = {"cue": [], "no cue": []}
+    for index in range(min(videos, cfg.val_videos)):
+        name = snippet_name("val", index).rpartition("/")[2]
+        video = by_name[name]
+        truth = [[o for o in objects if o.annotated] for _, objects in render_video(cfg, "val", index)]
+        start, length = minival_window(name, len(video.frames), minival_frames, minival_seed)
+        shots = detect_frames(detector, video, video.frames[start:start + length])
+        for shot, objects in zip(shots, truth[start:start + length]):
+            gt_boxes = np.asarray([o.box for o in objects], np.float64).reshape(-1, 4)
+            gt_labels = np.asarray([_ID_BY_NAME[cfg.classes[o.class_index]] for o in objects], np.int64)
+            tracks = np.asarray([o.track for o in objects], np.int64)
+            plain.update(name, shot.frame_index, gt_boxes, gt_labels, tracks, shot.boxes, shot.scores, shot.labels)
+            merged.update(name, shot.frame_index, gt_boxes, np.asarray([ids[int(c)] for c in gt_labels], np.int64),
+                          tracks, *merge_pairs(shot.boxes, shot.scores, shot.labels, ids, nms_iou))
+            for obj in objects:
+                other = partner(obj.class_index, len(cfg.classes))
+                if other is None:
+                    continue
+                hit = devkit_iou(np.asarray(obj.box), shot.boxes) >= 0.5 if len(shot.boxes) else np.zeros(0, bool)
+                best = [float(shot.scores[hit & (shot.labels == _ID_BY_NAME[cfg.classes[p]])].max(initial=0.0))
+                        for p in (obj.class_index, other)]
+                pair_score["cue" if obj.cue_visible else "no cue"].append(sum(best))
+    return {"mAP": plain.compute()["vid_map50"], "pair-merged mAP": merged.compute()["vid_map50"],
+            **{f"pair score, {kind}": float(np.mean(v)) if v else float("nan") for kind, v in pair_score.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="training checkpoints (.ckpt)")
@@ -103,11 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     columns = KINDS + TOP1 + tuple(pairs)
     print("| checkpoint | model | " + " | ".join(f"{k}: right / found" for k in columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
-    for ckpt in args.checkpoints:
-        detector = load_detector(ckpt)
+    detectors = [load_detector(ckpt) for ckpt in args.checkpoints]
+    for ckpt, detector in zip(args.checkpoints, detectors):
         counts = probe(detector, root, args.videos, args.split)
         cells = [f"{r / f:.2f} / {f / n:.2f} (n={n})" if f else f"- / 0.00 (n={n})" for n, f, r in
                  (counts.get(k, [0, 0, 0]) for k in columns)]
+        print(f"| {ckpt} | {model_title(detector[1])} | " + " | ".join(cells) + " |", flush=True)
+    if args.split != "val" or cfg is None:
+        return 0
+    print()
+    for ckpt, detector in zip(args.checkpoints, detectors):
+        scores = window_scores(detector, root, args.videos)
+        if ckpt == args.checkpoints[0]:
+            print("| checkpoint | model | " + " | ".join(scores) + " |")
+            print("| --- | --- | " + " | ".join("---" for _ in scores) + " |")
+        cells = [f"{100 * v:.1f}" if "mAP" in k else f"{v:.3f}" for k, v in scores.items()]
         print(f"| {ckpt} | {model_title(detector[1])} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
