@@ -195,7 +195,8 @@ def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple], grid_index: Opt
     the order of `keys`; each carries its `grid_index` (its place in the grid, for the records) if given."""
     by_key: Dict[str, List[TrialState]] = {}
     for trial in study.get_trials(deepcopy=False):
-        if "key" in trial.user_attrs and not trial.user_attrs.get("user_error"):  # a user's mistake is no try
+        attrs = trial.user_attrs
+        if "key" in attrs and not attrs.get("user_error") and not attrs.get("discarded"):  # neither is a try
             by_key.setdefault(trial.user_attrs["key"], []).append(trial.state)
     enqueued = []
     for key in keys:
@@ -215,11 +216,16 @@ def _claim(study: optuna.Study) -> Optional[optuna.trial.Trial]:
         return None
     trial = study.ask()
     if "key" not in trial.user_attrs:  # another worker took the last waiting trial first
-        trial.set_user_attr("discarded", True)
-        study.tell(trial, state=TrialState.FAIL)
+        _discard(study, trial)
         return None
     _own(trial)
     return trial
+
+
+def _discard(study: optuna.Study, trial: optuna.trial.Trial) -> None:
+    """End a claimed trial that is not this worker's to run: FAIL marked `discarded`, which counts as no try."""
+    trial.set_user_attr("discarded", True)
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def _own(trial: optuna.trial.Trial) -> None:
@@ -395,7 +401,14 @@ class GridPoints:
         if recovered:
             self.log(f"[{self.suite.name}] {recovered} interrupted trial(s) will be retried")
         enqueue_missing(self.study, self.keys, self.grid_index)
-        return _claim(self.study)
+        trial = _claim(self.study)
+        while trial is not None and trial.user_attrs["key"] not in self.keys:
+            # enqueued by a run of this study with more seeds (or grid points): left to such a run, not a try
+            self.log(f"[{self.suite.name}] trial {trial.user_attrs['key']} is not one of this run's "
+                     f"{len(self.keys)} (another --seeds?): skipped, a run with it re-queues it")
+            _discard(self.study, trial)
+            trial = _claim(self.study)
+        return trial
 
     def prepare(self, trial: optuna.trial.Trial) -> _Claimed:
         key = trial.user_attrs["key"]

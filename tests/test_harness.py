@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ablations.config import ConfigError, UserError, load_config
-from ablations.harness import RunOptions, eta_seconds, open_study, run_study
+from ablations.harness import RunOptions, enqueue_missing, eta_seconds, open_study, run_study
 from ablations.suite import load_suite
 from lightning_modules.config import nest
 
@@ -69,13 +69,13 @@ def test_grid_runs_once_records_match_study_and_rerun_skips(tmp_path, suite_file
 
 
 def _in_process(tmp_path, suite_file, calls):
-    """run(*overrides): the suite in this process, each trial's key appended to `calls`; its records."""
+    """run(*overrides, seeds=1): the suite in this process, each trial's key appended to `calls`; its records."""
     def trial_fn(cfg, ctx):
         calls.append(ctx.key)
         return {"val/vid_map50": cfg.model.alpha, "params": 1}
 
-    def run(*overrides):
-        options = RunOptions(runs_dir=tmp_path / "runs", overrides=list(overrides))
+    def run(*overrides, seeds=1):
+        options = RunOptions(runs_dir=tmp_path / "runs", overrides=list(overrides), seeds=seeds)
         return run_study(load_suite(str(suite_file)), options, trial_fn,
                          lambda delta: load_config([], delta=nest({k: v for k, v in delta.items() if k != "seed"})),
                          log=lambda line: None)
@@ -112,6 +112,15 @@ def test_a_study_resumed_after_its_suite_file_changed_is_refused(tmp_path, suite
     with pytest.raises(UserError, match=r"train.max_steps: 300 -> 5"):
         run()
     assert len(calls) == 6  # refused before any trial
+
+
+def test_a_rerun_with_fewer_seeds_leaves_the_trials_a_larger_run_queued_to_such_a_run(tmp_path, suite_file):
+    calls = []
+    run = _in_process(tmp_path, suite_file, calls)
+    study = open_study(load_suite(str(suite_file)), RunOptions(runs_dir=tmp_path / "runs"))
+    enqueue_missing(study, dict.fromkeys(_load_keys(suite_file, seeds=2)))  # a --seeds 2 run, stopped before any trial
+    assert len(run()) == 6 and sorted(calls) == sorted(_load_keys(suite_file))  # seed 0's six, not a KeyError
+    assert len(run(seeds=2)) == 12 and sorted(calls) == sorted(_load_keys(suite_file, seeds=2))  # the rest, once
 
 
 def test_killed_worker_keeps_finished_trials_and_rerun_retries_the_interrupted_one(tmp_path, suite_file):
