@@ -28,7 +28,7 @@ from datamodules.vid import VidDataError, VidLayoutError
 from lightning_modules.config import CellInit, RecurrentConfig, RecurrentType
 from lightning_modules.deploy.cost import count_cost
 from lightning_modules.network import create_model
-from lightning_modules.train_config import TrainConfig, resolve_lr
+from lightning_modules.train_config import FreezeMode, TrainConfig, resolve_lr
 from reports.significance import VideoMatches
 
 STAGES_DIR = "_stages"
@@ -286,7 +286,9 @@ def done_checkpoint(directory: Path) -> Path:
 
 def _describe(cfg: TafmConfig) -> str:
     if cfg.model.recurrent.type == RecurrentType.none:
-        return "single-frame SSD finetuned with the base frozen, no recurrent layer"
+        frozen = ("nothing frozen" if cfg.train.freeze == FreezeMode.none
+                  else f"the base frozen through {cfg.train.freeze_through}")
+        return f"single-frame SSD finetuned with {frozen}, no recurrent layer"
     extra = cfg.sweep.extra_stages
     return (f"{cfg.model.recurrent.type.value} after {'+'.join(cfg.model.recurrent.after)}"
             + (f", {extra} stage{'s' if extra > 1 else ''} more" if extra else ""))
