@@ -197,7 +197,7 @@ def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple], grid_index: Opt
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         if "key" in attrs and not attrs.get("user_error") and not attrs.get("discarded"):  # neither is a try
-            by_key.setdefault(trial.user_attrs["key"], []).append(trial.state)
+            by_key.setdefault(attrs["key"], []).append(trial.state)
     enqueued = []
     for key in keys:
         states = by_key.get(key, [])

@@ -36,10 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.clips import minival_window  # noqa: E402
 from datamodules.metrics import VidEvaluator, devkit_iou  # noqa: E402
 from datamodules.synthetic import ensure_synthetic, render_video, snippet_name  # noqa: E402
-from datamodules.synthetic_cap import _ID_BY_NAME, partner, synth_config_of  # noqa: E402
+from datamodules.synthetic_cap import _ID_BY_NAME, ground_truth, partner, synth_config_of, val_windows  # noqa: E402
 from datamodules.vid import CLASS_NAMES, read_vid  # noqa: E402
 from lightning_modules.detect import detect_frames, load_detector, model_title  # noqa: E402
 from lightning_modules.postprocess import batched_nms  # noqa: E402
@@ -51,6 +50,13 @@ TOP1 = ("top-1 class", "top-1 pair")
 def cue_column(classes: tuple[str, ...], position: int) -> str:
     """The cue-frame column of the pair of the class at `position`: "cue bus/car" (the pair's names sorted)."""
     return "cue " + "/".join(sorted(classes[i] for i in (position, partner(position, len(classes)))))
+
+
+def member_scores(shot, hit: np.ndarray, classes: tuple[str, ...], position: int) -> list[float]:
+    """The best score among the detections `hit` (a mask over `shot`'s) of the class at `position` and of its
+    look-alike, in that order; 0 where there is none."""
+    ids = [_ID_BY_NAME[classes[p]] for p in (position, partner(position, len(classes)))]
+    return [float(shot.scores[hit & (shot.labels == cid)].max(initial=0.0)) for cid in ids]
 
 
 def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
@@ -82,12 +88,7 @@ def probe(detector, root: Path, videos: int, split: str = "val") -> dict:
                 if other is None:
                     continue
                 kind = "cue" if obj.cue_visible else ("seen" if obj.track in seen else "unseen")
-                ids = (_ID_BY_NAME[cfg.classes[obj.class_index]], _ID_BY_NAME[cfg.classes[other]])
-                best = [0.0, 0.0]
-                if hit.any():
-                    for j, cid in enumerate(ids):
-                        scores = shot.scores[hit & (shot.labels == cid)]
-                        best[j] = float(scores.max()) if len(scores) else 0.0
+                best = member_scores(shot, hit, cfg.classes, obj.class_index)
                 # each kind, and on cue frames each pair too ("cue car/bus"): a stage 1 learns a pair's marker or not
                 for key in [kind] + ([cue_column(cfg.classes, obj.class_index)] if kind == "cue" else []):
                     tally = counts.setdefault(key, [0, 0, 0])
@@ -126,27 +127,19 @@ def window_scores(detector, root: Path, videos: int, minival_frames: int = 20, m
     ids, nms_iou = pair_ids(cfg.classes), detector[2].nms_iou
     plain, merged = (VidEvaluator(CLASS_NAMES, len(CLASS_NAMES)) for _ in range(2))
     pair_score: dict[str, list[float]] = {"cue": [], "no cue": []}
-    for index in range(min(videos, cfg.val_videos)):
-        name = snippet_name("val", index).rpartition("/")[2]
-        video = by_name[name]
-        truth = [[o for o in objects if o.annotated] for _, objects in render_video(cfg, "val", index)]
-        start, length = minival_window(name, len(video.frames), minival_frames, minival_seed)
-        shots = detect_frames(detector, video, video.frames[start:start + length])
-        for shot, objects in zip(shots, truth[start:start + length]):
-            gt_boxes = np.asarray([o.box for o in objects], np.float64).reshape(-1, 4)
-            gt_labels = np.asarray([_ID_BY_NAME[cfg.classes[o.class_index]] for o in objects], np.int64)
-            tracks = np.asarray([o.track for o in objects], np.int64)
+    for name, window in val_windows(cfg, minival_frames, minival_seed, videos):
+        video, start = by_name[name], window[0][0]
+        shots = detect_frames(detector, video, video.frames[start:start + len(window)])
+        for shot, (_, objects) in zip(shots, window):
+            gt_boxes, gt_labels, tracks = ground_truth(objects, cfg.classes)
             plain.update(name, shot.frame_index, gt_boxes, gt_labels, tracks, shot.boxes, shot.scores, shot.labels)
             merged.update(name, shot.frame_index, gt_boxes, np.asarray([ids[int(c)] for c in gt_labels], np.int64),
                           tracks, *merge_pairs(shot.boxes, shot.scores, shot.labels, ids, nms_iou))
             for obj in objects:
-                other = partner(obj.class_index, len(cfg.classes))
-                if other is None:
-                    continue
-                hit = devkit_iou(np.asarray(obj.box), shot.boxes) >= 0.5 if len(shot.boxes) else np.zeros(0, bool)
-                best = [float(shot.scores[hit & (shot.labels == _ID_BY_NAME[cfg.classes[p]])].max(initial=0.0))
-                        for p in (obj.class_index, other)]
-                pair_score["cue" if obj.cue_visible else "no cue"].append(sum(best))
+                if partner(obj.class_index, len(cfg.classes)) is not None:
+                    hit = devkit_iou(np.asarray(obj.box), shot.boxes) >= 0.5
+                    pair_score["cue" if obj.cue_visible else "no cue"].append(
+                        sum(member_scores(shot, hit, cfg.classes, obj.class_index)))
     return {"mAP": plain.compute()["vid_map50"], "pair-merged mAP": merged.compute()["vid_map50"],
             **{f"pair score, {kind}": float(np.mean(v)) if v else float("nan") for kind, v in pair_score.items()}}
 
@@ -174,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.split != "val" or cfg is None:
         return 0
     print()
-    for ckpt, detector in zip(args.checkpoints, detectors):
+    for index, (ckpt, detector) in enumerate(zip(args.checkpoints, detectors)):
         scores = window_scores(detector, root, args.videos)
-        if ckpt == args.checkpoints[0]:
+        if index == 0:
             print("| checkpoint | model | " + " | ".join(scores) + " |")
             print("| --- | --- | " + " | ".join("---" for _ in scores) + " |")
         cells = [f"{100 * v:.1f}" if "mAP" in k else f"{v:.3f}" for k, v in scores.items()]

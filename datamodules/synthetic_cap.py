@@ -59,7 +59,14 @@ def oracle_frame(objects: list[ObjectFrame], classes: tuple[str, ...], rng: np.r
             np.asarray(labels, np.int64))
 
 
-def _val_frames(cfg: SynthConfig, minival_frames: Optional[int], data_seed: int, max_val_videos: Optional[int]):
+def ground_truth(objects: list[ObjectFrame], classes: tuple[str, ...]):
+    """(boxes [N,4], class ids [N], track ids [N]) of one frame's annotated objects, as `VidEvaluator.update` takes them."""
+    return (np.asarray([o.box for o in objects], np.float64).reshape(-1, 4),
+            np.asarray([_ID_BY_NAME[classes[o.class_index]] for o in objects], np.int64),
+            np.asarray([o.track for o in objects], np.int64))
+
+
+def val_windows(cfg: SynthConfig, minival_frames: Optional[int], data_seed: int, max_val_videos: Optional[int]):
     """Per val video: (name, [(frame index, annotated objects)]) over the evaluated window."""
     count = cfg.val_videos if max_val_videos is None else min(cfg.val_videos, max_val_videos)
     for index in range(count):
@@ -74,17 +81,14 @@ def single_frame_cap(cfg: SynthConfig, minival_frames: Optional[int] = 20, data_
                      max_val_videos: Optional[int] = None, jitter_seeds: int = 5) -> SingleFrameCap:
     """The cap on the val frames a trained model is scored on: the minival windows of `data_seed`
     (`minival_frames=None`: every frame, the `full` protocol), the first `max_val_videos` videos."""
-    videos = list(_val_frames(cfg, minival_frames, data_seed, max_val_videos))
+    videos = list(val_windows(cfg, minival_frames, data_seed, max_val_videos))
     maps = []
     for seed in range(jitter_seeds):
         rng = np.random.default_rng(seed)
         evaluator = VidEvaluator(class_names=CLASS_NAMES, num_classes=len(CLASS_NAMES))
         for name, frames in videos:
             for t, objects in frames:
-                gt_boxes = np.asarray([o.box for o in objects], np.float64).reshape(-1, 4)
-                gt_labels = np.asarray([_ID_BY_NAME[cfg.classes[o.class_index]] for o in objects], np.int64)
-                tracks = np.asarray([o.track for o in objects], np.int64)
-                evaluator.update(name, t, gt_boxes, gt_labels, tracks, *oracle_frame(objects, cfg.classes, rng))
+                evaluator.update(name, t, *ground_truth(objects, cfg.classes), *oracle_frame(objects, cfg.classes, rng))
         maps.append(evaluator.compute()["vid_map50"])
     objects = [o for _, frames in videos for _, objs in frames for o in objs]
     hidden = sum(not o.cue_visible and partner(o.class_index, len(cfg.classes)) is not None for o in objects)
