@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -285,8 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (`kill`, a job scheduler's stop) ends a command as Ctrl-C does, not at once: a trial records
+    that it was interrupted (and is retried without counting as a try), a stage keeps its last checkpoint,
+    and `tafm run` stops its helper workers instead of leaving them claiming trials."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "verbose", False):
         from ablations.console import quiet_libraries

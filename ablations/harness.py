@@ -196,7 +196,7 @@ def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple], grid_index: Opt
     by_key: Dict[str, List[TrialState]] = {}
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if "key" in attrs and not attrs.get("user_error") and not attrs.get("discarded"):  # neither is a try
+        if "key" in attrs and is_try(attrs):
             by_key.setdefault(attrs["key"], []).append(trial.state)
     enqueued = []
     for key in keys:
@@ -208,6 +208,13 @@ def enqueue_missing(study: optuna.Study, keys: Dict[str, tuple], grid_index: Opt
         study.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
         enqueued.append(key)
     return enqueued
+
+
+def is_try(attrs: Dict[str, Any]) -> bool:
+    """Whether a failed trial counts towards its key's MAX_RETRIES: not a user's mistake (the suite stops), not
+    a claim discarded unrun, not a run interrupted by the user (Ctrl-C or SIGTERM). A worker that died
+    (killed, crashed, out of memory) does count: the same death would come again."""
+    return not (attrs.get("user_error") or attrs.get("discarded") or attrs.get("interrupted"))
 
 
 def _claim(study: optuna.Study) -> Optional[optuna.trial.Trial]:
@@ -295,9 +302,12 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
         trial.set_user_attr("record", _record(ctx, cfg, {"pruned": str(pruned)}, time.time() - start))
         study.tell(trial, state=TrialState.PRUNED)
         return
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM (the CLI raises it): retried, not a try
         trial.set_user_attr("error", "interrupted")
+        trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
+        if isinstance(stop, SystemExit):  # Lightning's fit() turns an interrupt into sys.exit(1)
+            raise KeyboardInterrupt from stop
         raise
     except UserError as error:
         _fail(study, trial, error, user_error=True)
@@ -585,9 +595,9 @@ def first_failure(study: optuna.Study) -> Optional[str]:
 
 
 def _failures(study: optuna.Study) -> int:
-    """Failed trials that count as tries (not a user's mistake, not a discarded claim)."""
+    """Failed trials that count as tries (`is_try`)."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-               if "key" in t.user_attrs and not t.user_attrs.get("user_error") and not t.user_attrs.get("discarded"))
+               if "key" in t.user_attrs and is_try(t.user_attrs))
 
 
 def _suggest(trial: optuna.trial.Trial, space: Dict[str, Any]) -> Dict[str, Any]:

@@ -119,8 +119,11 @@ def run_request(request: SuiteRequest, worker_only: bool = False, log: Log = pri
         log(f"[{suite.name}] a search trains each point TPE samples once, at seed 0: --seeds {options.seeds} "
             "repeats the points of grid suites only")
     helpers = start_workers(request) if request.workers > 1 and not worker_only else []
-    with library_log(folder / LIBRARY_LOG) if quiet else contextlib.nullcontext():
-        return _run_and_report(request, suite, options, mode, helpers, worker_only, log)
+    try:
+        with library_log(folder / LIBRARY_LOG) if quiet else contextlib.nullcontext():
+            return _run_and_report(request, suite, options, mode, helpers, worker_only, log)
+    finally:
+        stop_workers(helpers)  # interrupted or failed before they were joined: they must not go on claiming trials
 
 
 def _run_and_report(request: SuiteRequest, suite: Suite, options, mode: str, helpers: list, worker_only: bool,
@@ -262,6 +265,27 @@ def start_workers(request: SuiteRequest) -> list:
     harness hands them out (stage 1 is trained once, under its file lock), so trials use every core."""
     argv = [sys.executable, "-m", "ablations.cli", *request.argv(), "--workers", "1", "--worker-only"]
     return [subprocess.Popen(argv) for _ in range(request.workers - 1)]
+
+
+def stop_workers(helpers: list, grace_s: float = 5.0, timeout_s: float = 60.0) -> None:
+    """End the helper workers still running: a Ctrl-C reaches them too (give them `grace_s` to record their
+    interrupted trial), a SIGTERM or an error in this process does not. Each gets SIGTERM, which the CLI turns
+    into an interrupt (the trial is recorded, the stage keeps its checkpoint), then SIGKILL after `timeout_s`."""
+    running = [helper for helper in helpers if helper.poll() is None]
+    if not running:
+        return
+    deadline = time.time() + grace_s
+    while running and time.time() < deadline:
+        time.sleep(0.1)
+        running = [helper for helper in running if helper.poll() is None]
+    for helper in running:
+        helper.terminate()
+    for helper in running:
+        try:
+            helper.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
 
 
 def join_workers(helpers: list, suite: Suite, options) -> List[TrialRecord]:

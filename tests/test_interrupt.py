@@ -1,0 +1,83 @@
+"""Stopping `tafm run`: SIGTERM to the main process stops its helper workers too, and an interrupted trial is
+recorded as such and retried without counting as a try."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from ablations.harness import RunOptions, is_try, open_study
+from ablations.suite import load_suite
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_to_tafm_run_stops_its_helper_and_records_both_trials_as_interrupted(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "ablations.cli", "run", "smoke", "--workers", "2", "--wandb", "disabled",
+           "--runs-dir", str(runs), "--report-dir", str(tmp_path / "reports"),
+           "--set", "sweep.stage1_max_steps=100000"]  # stage 1 outlasts the test: both trials stay running
+    log = tmp_path / "run.log"  # a file, not a pipe: a helper left running would hold a pipe open
+    main = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    study = None
+    pids: set = set()
+    helper = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and main.poll() is None:
+            time.sleep(1.0)
+            if not (runs / "smoke").is_dir():
+                continue
+            study = study or open_study(load_suite("smoke"), RunOptions(runs_dir=runs))
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            pids = {t.user_attrs.get("pid") for t in running} - {None}
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2 and main.pid in pids, log.read_text()[-3000:]
+        helper = (pids - {main.pid}).pop()
+        main.send_signal(signal.SIGTERM)
+        main.wait(timeout=120)
+        deadline = time.time() + 30
+        while _alive(helper) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(helper), "the helper worker outlived the main process"
+    finally:
+        for pid in (main.pid, helper):
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    out = log.read_text()
+    assert main.returncode == 130 and "tafm: interrupted" in out, out[-3000:]  # as Ctrl-C
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    ended = [t for t in trials if t.state == TrialState.FAIL]
+    assert {t.user_attrs["pid"] for t in ended} == pids  # each worker recorded its own trial
+    assert all(t.user_attrs.get("error") == "interrupted" and not is_try(t.user_attrs) for t in ended)
+
+
+def test_an_interrupted_trial_is_requeued_however_often_a_failed_one_is_not(tmp_path):
+    import optuna
+
+    from ablations.harness import MAX_RETRIES, enqueue_missing
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    for key, attrs in (("stopped", {"error": "interrupted", "interrupted": True}), ("broken", {"error": "boom"})):
+        for _ in range(MAX_RETRIES):
+            assert enqueue_missing(study, {key: ()}) == [key]
+            trial = study.ask()
+            for name, value in attrs.items():
+                trial.set_user_attr(name, value)
+            study.tell(trial, state=TrialState.FAIL)
+    assert enqueue_missing(study, {"stopped": (), "broken": ()}) == ["stopped"]
