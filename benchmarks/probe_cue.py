@@ -19,7 +19,10 @@ and streams the report scores (each val video's minival window, state reset at i
 report's figure), `pair-merged mAP` (each pair scored as one class: a member's detection counts for either,
 the pair's detections suppressed as one class's, at the checkpoint's NMS IoU) and `pair score` (per annotated
 object, the best score of each member at IoU >= 0.5, summed: how confidently the pair is found), on objects
-with their marker drawn and on those without (README "Where the control's points go").
+with their marker drawn and on those without, and `marked right > unmarked guess`: the chance that a marked
+object's right member scores above an unmarked object's best member (ties half), the rank a single frame
+needs for its right names to come before its guesses (1 for the single-frame cap's oracle, 0.5 for a model
+no surer on a marked object than on an unmarked one; README "Where the control's points go").
 
     python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N] [--split train|val]
 
@@ -126,7 +129,7 @@ def window_scores(detector, root: Path, videos: int, minival_frames: int = 20, m
     by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
     ids, nms_iou = pair_ids(cfg.classes), detector[2].nms_iou
     plain, merged = (VidEvaluator(CLASS_NAMES, len(CLASS_NAMES)) for _ in range(2))
-    pair_score: dict[str, list[float]] = {"cue": [], "no cue": []}
+    members: dict[str, list[list[float]]] = {"cue": [], "no cue": []}  # [right, look-alike] per paired object
     for name, window in val_windows(cfg, minival_frames, minival_seed, videos):
         video, start = by_name[name], window[0][0]
         shots = detect_frames(detector, video, video.frames[start:start + len(window)])
@@ -138,10 +141,24 @@ def window_scores(detector, root: Path, videos: int, minival_frames: int = 20, m
             for obj in objects:
                 if partner(obj.class_index, len(cfg.classes)) is not None:
                     hit = devkit_iou(np.asarray(obj.box), shot.boxes) >= 0.5
-                    pair_score["cue" if obj.cue_visible else "no cue"].append(
-                        sum(member_scores(shot, hit, cfg.classes, obj.class_index)))
+                    members["cue" if obj.cue_visible else "no cue"].append(
+                        member_scores(shot, hit, cfg.classes, obj.class_index))
     return {"mAP": plain.compute()["vid_map50"], "pair-merged mAP": merged.compute()["vid_map50"],
-            **{f"pair score, {kind}": float(np.mean(v)) if v else float("nan") for kind, v in pair_score.items()}}
+            **{f"pair score, {kind}": float(np.sum(v, axis=1).mean()) if v else float("nan")
+               for kind, v in members.items()},
+            "marked right > unmarked guess": right_above_guess(members["cue"], members["no cue"])}
+
+
+def right_above_guess(marked: list[list[float]], unmarked: list[list[float]]) -> float:
+    """P(a marked object's right-member score > an unmarked object's best member score), ties counted half, over
+    every such pair of objects (per object [right, look-alike] scores); nan without both kinds."""
+    if not marked or not unmarked:
+        return float("nan")
+    right = np.sort(np.asarray(marked, np.float64)[:, 0])
+    guess = np.sort(np.asarray(unmarked, np.float64).max(axis=1))
+    below = np.searchsorted(guess, right, side="left")  # guesses strictly under each right score
+    ties = np.searchsorted(guess, right, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(right) * len(guess)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if index == 0:
             print("| checkpoint | model | " + " | ".join(scores) + " |")
             print("| --- | --- | " + " | ".join("---" for _ in scores) + " |")
-        cells = [f"{100 * v:.1f}" if "mAP" in k else f"{v:.3f}" for k, v in scores.items()]
+        cells = [f"{100 * v:.1f}" if "mAP" in k else f"{v:.3f}" if "pair score" in k else f"{v:.2f}"
+                 for k, v in scores.items()]
         print(f"| {ckpt} | {model_title(detector[1])} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -64,6 +64,7 @@ def test_an_oracle_scores_one_everywhere_and_a_hedging_one_finds_every_pair(root
     right = probe_cue.window_scores(detector, root, videos=3, minival_frames=20)
     assert right["mAP"] == pytest.approx(1.0) and right["pair-merged mAP"] == pytest.approx(1.0)
     assert right["pair score, cue"] == pytest.approx(1.0) and right["pair score, no cue"] == pytest.approx(1.0)
+    assert right["marked right > unmarked guess"] == pytest.approx(0.5)  # sure everywhere: ties throughout
 
     monkeypatch.setattr(probe_cue, "detect_frames", _oracle(hedge=True))
     hedged = probe_cue.window_scores(detector, root, videos=3, minival_frames=20)
@@ -72,3 +73,14 @@ def test_an_oracle_scores_one_everywhere_and_a_hedging_one_finds_every_pair(root
     assert hedged["pair score, no cue"] == pytest.approx(1.0)
     # ... while every member's list holds as many false positives (its look-alikes) as true ones
     assert 0.3 < hedged["mAP"] < 0.9
+    assert hedged["marked right > unmarked guess"] == pytest.approx(0.5)  # no surer where the marker shows
+
+
+def test_right_above_guess_is_the_chance_a_right_name_outranks_a_guess():
+    # the cap's oracle: right names at 1 on marked objects, 0.5 / 0.5 on unmarked ones
+    assert probe_cue.right_above_guess([[1.0, 0.0]] * 3, [[0.5, 0.5]] * 4) == 1.0
+    # 0.3 is under the guess 0.4 and ties 0.3; 0.6 is above both
+    assert probe_cue.right_above_guess([[0.3, 0.1], [0.6, 0.0]], [[0.2, 0.4], [0.1, 0.3]]) == pytest.approx(2.5 / 4)
+    # ties count half: 0.4 against 0.4 and 0.5
+    assert probe_cue.right_above_guess([[0.4, 0.0]], [[0.4, 0.1], [0.2, 0.5]]) == pytest.approx(0.25)
+    assert np.isnan(probe_cue.right_above_guess([], [[0.5, 0.5]]))
