@@ -7,21 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.harness import RunOptions, is_try, open_study
+from ablations.harness import MAX_RETRIES, RunOptions, enqueue_missing, is_try, open_study, pid_alive
 from ablations.suite import load_suite
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -51,12 +43,12 @@ def test_sigterm_to_tafm_run_stops_its_helper_and_records_both_trials_as_interru
         main.send_signal(signal.SIGTERM)
         main.wait(timeout=120)
         deadline = time.time() + 30
-        while _alive(helper) and time.time() < deadline:
+        while pid_alive(helper) and time.time() < deadline:
             time.sleep(0.2)
-        assert not _alive(helper), "the helper worker outlived the main process"
+        assert not pid_alive(helper), "the helper worker outlived the main process"
     finally:
         for pid in (main.pid, helper):
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
     out = log.read_text()
     assert main.returncode == 130 and "tafm: interrupted" in out, out[-3000:]  # as Ctrl-C
@@ -68,10 +60,6 @@ def test_sigterm_to_tafm_run_stops_its_helper_and_records_both_trials_as_interru
 
 
 def test_an_interrupted_trial_is_requeued_however_often_a_failed_one_is_not(tmp_path):
-    import optuna
-
-    from ablations.harness import MAX_RETRIES, enqueue_missing
-
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
     for key, attrs in (("stopped", {"error": "interrupted", "interrupted": True}), ("broken", {"error": "boom"})):
         for _ in range(MAX_RETRIES):
