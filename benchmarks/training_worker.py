@@ -95,6 +95,8 @@ class Worker:
         if not setting.endswith("stage1"):
             cfg.train.init_checkpoint = _stage2_init(cfg, self.folder)
         self.cfg = cfg
+        if hasattr(speed, "reuse_freed_memory"):  # fit() sets it once per process, before any stage
+            speed.reuse_freed_memory(cfg.train)
         self.threads = speed.cpu_threads(cfg.train) if speed is not None else contextlib.nullcontext()
         self.threads.__enter__()
         self.root = fit_module.resolve_root(cfg.data)

@@ -23,7 +23,7 @@ from lightning_modules.backbone import load_backbone
 from lightning_modules.config import validate_model
 from lightning_modules.curves import TrainingCurves
 from lightning_modules.ema import EMACallback
-from lightning_modules.speed import cpu_threads, prepare_module
+from lightning_modules.speed import cpu_threads, prepare_module, reuse_freed_memory
 from lightning_modules.stages import init_from_checkpoint, read_net_state
 from lightning_modules.training import LSTMSSDModule, TrainConfig
 
@@ -202,6 +202,7 @@ def fit(model: Any, data: Optional[DataConfig] = None, train: Optional[TrainConf
     validate_model(model)
     data.validate()
     train.validate()
+    reuse_freed_memory(train)
     with cpu_threads(train):
         return _fit(model, data, train, resume, root, callbacks, trainer_overrides, loggers)
 
@@ -242,6 +243,7 @@ def evaluate(model: Any, data: Optional[DataConfig] = None, train: Optional[Trai
     checkpoint is None. Returns the logged val*/ metrics; a `matches` dict is filled with each stream's
     devkit matches by video (`VidEvaluator.per_video`, for reports.significance)."""
     model, data, train = _split(model, data, train)
+    reuse_freed_memory(train)
     with cpu_threads(train):
         return _evaluate(model, data, train, checkpoint, use_ema, root, trainer_overrides, matches)
 

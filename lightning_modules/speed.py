@@ -1,10 +1,19 @@
-"""How a stage trains faster on the same maths (float rounding aside): `train.threads`, `train.fold_bn`,
-`train.channels_last`, `train.compile`. `fit` applies them; so does the plain loop of
+"""How a stage trains faster on the same maths (float rounding aside): `train.threads`, `train.reuse_memory`,
+`train.fold_bn`, `train.channels_last`, `train.compile`. `fit` applies them; so does the plain loop of
 benchmarks/bench_training.py, which measures each of them (README, "Training speed").
 
 - threads: torch's intra-op threads while a stage trains or evaluates. At this project's sizes an op
   lasts microseconds, and with more threads each op ends at a barrier that waits for every thread: on a
   machine where anything else runs, one descheduled thread stalls every op.
+- reuse_memory (on by default; the same numbers, bit for bit): glibc's malloc serves an allocation over its
+  mmap threshold (128 KiB at start, raised to the size of each such block freed) with a fresh mmap, and
+  returns freed memory at the heap's top to the system beyond a trim threshold; PyTorch's CPU tensors come
+  straight from malloc. A training step allocates and frees activations of 1-25 MB in many sizes, so the
+  threshold and the trimming kept giving pages back and faulting them in again (zero-filled by the kernel)
+  on the next step: a stage-2 step of the main job's control faulted ~19,000 times and spent 35-40 ms in the
+  kernel (of ~150 ms), stage 1's ~4,400 times and ~7 ms; with the memory kept, none.
+  `reuse_freed_memory` fixes the threshold at glibc's largest (32 MiB) and stops trimming, for the rest of the
+  process (a process's heap then stays at its peak, which the next step needs again).
 - fold_bn: a conv + eval-mode BatchNorm (+ ReLU6) block through which no gradient flows (the frozen base
   of stage 2, every block during validation) runs as one convolution with the BatchNorm folded into its
   weights and bias, in NHWC, on CPU with the ReLU6 fused in (oneDNN). oneDNN's depthwise and few-channel
@@ -21,7 +30,10 @@ benchmarks/bench_training.py, which measures each of them (README, "Training spe
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections import OrderedDict
 from typing import Iterator, List, Optional, Tuple
 
@@ -31,6 +43,13 @@ from torch import Tensor, nn
 
 #: Where torch.compile keeps its kernels between runs (unless TORCHINDUCTOR_CACHE_DIR is set).
 COMPILE_CACHE = "inductor"
+
+# glibc mallopt(3) parameters, and the largest mmap threshold it accepts on 64-bit (HEAP_MAX_SIZE / 2)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_TRIM_NEVER = 2 ** 31 - 1  # mallopt takes an int: 2 GiB of free heap top before any is given back
+_memory_reused = False
 
 
 @contextlib.contextmanager
@@ -43,6 +62,26 @@ def cpu_threads(train) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def reuse_freed_memory(train) -> bool:
+    """With `train.reuse_memory`, have glibc keep freed memory for the next allocation instead of mapping fresh
+    pages for each large one (module docstring); once per process, for the rest of it. Returns whether it is in
+    effect (False on a C library other than glibc, e.g. macOS, where nothing is changed)."""
+    global _memory_reused
+    if not train.reuse_memory or _memory_reused:
+        return _memory_reused
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt, their own allocator
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success; the order keeps a failed second call from leaving half the setting
+    _memory_reused = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
+    return _memory_reused
 
 
 def _fusable_activation(module: Optional[nn.Module]) -> Optional[Tuple[str, List[float]]]:

@@ -84,6 +84,7 @@ class TrainConfig:
     precision: str = "32-true"  # or bf16-mixed, 16-mixed
     # speed, same maths (lightning_modules/speed.py; measured by benchmarks/bench_training.py, README)
     threads: int = 1  # torch intra-op threads while training/evaluating; 0: torch's default (one per core)
+    reuse_memory: bool = True  # glibc keeps freed memory for the next step instead of faulting in fresh pages
     fold_bn: bool = True  # conv + eval BatchNorm (+ ReLU6) as one NHWC conv where no gradient flows (frozen base, eval)
     channels_last: bool = True  # the whole net in NHWC, BatchNorm summed exactly: stage 1 on one thread ~1.2-1.3x faster
     compile: bool = False  # torch.compile the network (kernels cached under the tafm cache); slow first compile
