@@ -7,6 +7,7 @@ storage and the data root before it imports the training stack or opens the stud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -313,9 +314,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"tafm: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. `tafm cost --json | head`
-        sys.stdout = open(os.devnull, "w")
-        return 0
+    except BrokenPipeError:  # whatever read the output has gone: `tafm cost --json | head`, `tafm run quick | head`
+        sys.stdout = open(os.devnull, "w")  # no second error at exit, when Python flushes it
+        if args.func is not _cmd_run:
+            return 0  # the output was the point, and the reader had enough of it
+        with contextlib.suppress(OSError):  # stderr may be the same closed pipe (`2>&1 | head`)
+            print("tafm: output closed: stopped (the trial that ran is retried, not counted as a try; the same command "
+                  "resumes)", file=sys.stderr)
+        return 141  # as a shell reports a command ended by SIGPIPE: the run did not finish
     except KeyboardInterrupt:
         print("tafm: interrupted", file=sys.stderr)
         return 130

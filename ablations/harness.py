@@ -302,7 +302,8 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
         trial.set_user_attr("record", _record(ctx, cfg, {"pruned": str(pruned)}, time.time() - start))
         study.tell(trial, state=TrialState.PRUNED)
         return
-    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM (the CLI raises it): retried, not a try
+    # Ctrl-C, SIGTERM (the CLI raises it) or the output closed (`tafm run quick | head`): retried, not a try
+    except (KeyboardInterrupt, SystemExit, BrokenPipeError) as stop:
         trial.set_user_attr("error", "interrupted")
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)

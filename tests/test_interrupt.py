@@ -69,3 +69,34 @@ def test_an_interrupted_trial_is_requeued_however_often_a_failed_one_is_not(tmp_
                 trial.set_user_attr(name, value)
             study.tell(trial, state=TrialState.FAIL)
     assert enqueue_missing(study, {"stopped": (), "broken": ()}) == ["stopped"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
+def test_tafm_run_whose_output_is_closed_stops_as_interrupted_not_as_success(tmp_path):
+    """`tafm run quick | head`: when the reader goes, the run stops with status 141 (a shell's SIGPIPE status), not
+    0, and the trial that was running is recorded as interrupted (retried, not a try)."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "ablations.cli", "run", "smoke", "--workers", "1", "--wandb", "disabled",
+           "--runs-dir", str(runs), "--report-dir", str(tmp_path / "reports"),
+           "--set", "sweep.stage1_max_steps=100000"]  # stage 1 outlasts the test
+    errors = tmp_path / "stderr.log"
+    main = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors.open("w"), text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line reaches the pipe at once
+    try:
+        seen = []
+        for line in main.stdout:  # until stage 1 trains (its progress lines follow every 15 s)
+            seen.append(line)
+            if "training stage 1" in line:
+                break
+        assert any("training stage 1" in line for line in seen), "".join(seen)[-3000:]
+        main.stdout.close()  # the reader goes away, as `head` does after its lines
+        main.wait(timeout=120)
+    finally:
+        if main.poll() is None:
+            main.kill()
+    err = errors.read_text()
+    assert main.returncode == 141 and "tafm: output closed" in err, err[-3000:]
+    trials = open_study(load_suite("smoke"), RunOptions(runs_dir=runs)).get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    ended = [t for t in trials if t.state == TrialState.FAIL]  # the other grid point was queued, never started
+    assert len(ended) == 1 and ended[0].user_attrs.get("error") == "interrupted" and not is_try(ended[0].user_attrs)
