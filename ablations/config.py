@@ -20,8 +20,8 @@ from lightning_modules.train_config import LrSchedule, TrainConfig
 #: keys that change how fast or how verbosely a stage runs, not what it computes (threads, folded BatchNorm,
 #: torch.compile: the same losses to float rounding): out of the stage hash (ablations/runner.py), and free to
 #: differ when a suite's study is resumed (ablations/harness.py)
-SPEED_KEYS = ("train.threads", "train.reuse_memory", "train.fold_bn", "train.compile", "data.num_workers", "data.cache_dir",
-              "train.csv_logger", "train.log_every_n_steps", "train.checkpoint_every_n_steps", "sweep.lend_idle_cores")
+SPEED_KEYS = ("train.threads", "train.reuse_memory", "train.fold_bn", "train.compile", "data.num_workers",
+              "data.cache_dir", "train.csv_logger", "train.log_every_n_steps", "train.checkpoint_every_n_steps", "sweep.lend_idle_cores")
 
 
 @dataclass

@@ -79,8 +79,9 @@ def reuse_freed_memory(train) -> bool:
     except (OSError, AttributeError):  # musl and others: no mallopt, their own allocator
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; the order keeps a failed second call from leaving half the setting
-    _memory_reused = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
+    # mallopt returns 1 on success, 0 for a value it refuses: then the setting is reported as not in effect
+    threshold = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    _memory_reused = bool(threshold) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
     return _memory_reused
 
 
