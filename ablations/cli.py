@@ -302,6 +302,9 @@ def _interrupt_on_sigterm() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _interrupt_on_sigterm()
+    # each line as it is printed, also into a pipe (`| tee run.log`); a stream without the option (a capture) stays
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stdout.reconfigure(line_buffering=True)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "verbose", False):
         from ablations.console import quiet_libraries

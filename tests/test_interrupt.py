@@ -80,11 +80,11 @@ def test_tafm_run_whose_output_is_closed_stops_as_interrupted_not_as_success(tmp
            "--runs-dir", str(runs), "--report-dir", str(tmp_path / "reports"),
            "--set", "sweep.stage1_max_steps=100000"]  # stage 1 outlasts the test
     errors = tmp_path / "stderr.log"
-    main = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors.open("w"), text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line reaches the pipe at once
+    main = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors.open("w"), text=True)
     try:
         seen = []
-        for line in main.stdout:  # until stage 1 trains (its progress lines follow every 15 s)
+        for line in main.stdout:  # until stage 1 trains (its progress lines follow every 15 s); the CLI writes
+            # each line into the pipe as it prints it
             seen.append(line)
             if "training stage 1" in line:
                 break
