@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from ablations.config import ConfigError, UserError, load_config
 from ablations.harness import RunOptions, enqueue_missing, eta_seconds, open_study, run_study
-from ablations.suite import load_suite
+from ablations.suite import PROFILE_DEFAULTS, load_suite
 from lightning_modules.config import nest
 
 WORKER = Path(__file__).parent / "helpers" / "harness_worker.py"
@@ -109,7 +109,7 @@ def test_a_study_resumed_after_its_suite_file_changed_is_refused(tmp_path, suite
                                         r"64 -> 96;.*Restore those settings.*another --runs-dir"):
         run()
     suite_file.write_text(SUITE + "profiles:\n  synthetic: {train.max_steps: 5}\n")
-    with pytest.raises(UserError, match=r"train.max_steps: 300 -> 5"):
+    with pytest.raises(UserError, match=rf"train.max_steps: {PROFILE_DEFAULTS['synthetic']['train.max_steps']} -> 5"):
         run()
     assert len(calls) == 6  # refused before any trial
 
