@@ -36,7 +36,8 @@ _BY_NAME = {name: (cid, wnid) for cid, name, wnid in VID_CLASSES}
 SYNTH_MECHANISM = """\
 **Why temporal context helps on the synthetic benchmark.** Classes come in look-alike pairs
 (default: horse/zebra, car/bus, bear/giant_panda): both members of a pair have the same silhouette
-and colour and differ only by a marker (the whole object tinted half-way towards cyan vs magenta)
+and colour and differ only by a marker (the whole object tinted 40% of the way towards cyan vs magenta;
+`marker_blend`, 0.5 before 82c475a)
 that is drawn on each frame independently with probability `cue_prob` (default 0.35). On the other ~65%
 of frames the two classes are pixel-identical, so a single-frame detector can at best split its
 confidence between them, while a recurrent one can carry the class seen a few frames earlier

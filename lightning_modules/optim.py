@@ -33,7 +33,7 @@ class RMSpropTF(torch.optim.Optimizer):
     Put weight_decay only on the param group of conv weights to mirror TF's regularizers
     (biases and BatchNorm parameters carry none there). TF's ms of one makes the first updates about
     lr * g (a gradient of 1e-2 moves a weight by lr / 100) until decay^t has shrunk it: ~50 steps at decay
-    0.9, nothing against 200k steps, a sixth of a 300-step stage 2; `initial_mean_square=0` (PyTorch's
+    0.9, nothing against 200k steps, a twelfth of the synthetic profile's 600-step stage 2; `initial_mean_square=0` (PyTorch's
     RMSprop) gives full-size updates from the first step.
     """
 

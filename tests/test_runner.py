@@ -78,7 +78,7 @@ def test_quicks_trials_are_handed_out_learnt_cells_first_and_the_short_rows_last
     table5 = load_suite("table5_comparison")
     costs = sorted(runner.expected_cost(trial_config([], table5.delta("synthetic", point.overrides)))
                    for point in table5.points)
-    assert costs[0] > 0 and costs[-1] >= 5 * 300  # the 5-layer LSTM-SSD: five progressive stages of 300 steps
+    assert costs[0] > 0 and costs[-1] >= 5 * 300  # the 5-layer LSTM-SSD: five progressive stages of train.max_steps (>= 300)
     table3 = load_suite("table3_recurrent")
     order = sorted(table3.points, key=lambda p: -runner.expected_cost(trial_config([], table3.delta("synthetic", p.overrides))))
     assert [p.overrides["model.alpha"] for p in order] == [1.0] * 5 + [0.5] * 5  # the wider network's trials first
