@@ -474,6 +474,7 @@ class SearchPoints:
 RESUMABLE_KEYS = (*SPEED_KEYS, "train.channels_last")
 INPUTS_ATTR = "overrides"
 SETTINGS_ATTR = "suite_settings"
+EVALUATE_ATTR = "suite_evaluate"
 
 
 def _measured_overrides(overrides: List[str]) -> Dict[str, Any]:
@@ -505,9 +506,9 @@ def _changed(stored: Dict[str, Any], given: Dict[str, Any]) -> str:
 
 def check_settings(study: optuna.Study, suite: Suite, options: RunOptions) -> None:
     """A study's records are of the settings it first ran with: resuming it with other --set / --data-root
-    values, or after its suite file's base or profile (or the recipe defaults under them) changed, would
-    report its finished trials as this run's (their keys are the grid's, not the settings'). The first run
-    stores both on the study; a later one with others is a UserError. A study made before a check existed
+    values, or after its suite file's base or profile (or the recipe defaults under them) or its `evaluate:` block
+    changed, would report its finished trials as this run's (their keys are the grid's, not the settings'). The
+    first run stores them on the study; a later one with others is a UserError. A study made before a check existed
     has nothing stored for it: it takes this run's (what it ran with before cannot be known)."""
     def refused(ran_with: str, to_resume: str) -> UserError:
         return UserError(f"{storage_url(suite, options)}: study {study.study_name!r} was run with {ran_with}: its "
@@ -529,6 +530,16 @@ def check_settings(study: optuna.Study, suite: Suite, options: RunOptions) -> No
         raise refused(f"other settings than suite {suite.name!r} ({suite.source}) now gives its {options.profile!r} "
                       f"profile ({_changed(stored, settings)}; the suite file's base or profile block, or the recipe "
                       f"defaults in ablations/suite.py PROFILE_DEFAULTS)", "Restore those settings to resume it")
+    # a finished trial was scored with the evaluations its suite asked for then: it would lack a new p's column
+    evaluate = json.loads(json.dumps(suite.evaluate, sort_keys=True, default=str))
+    stored = study.user_attrs.get(EVALUATE_ATTR)
+    if stored is None:
+        study.set_user_attr(EVALUATE_ATTR, evaluate)
+    elif stored != evaluate:
+        raise refused(f"other evaluations than suite {suite.name!r} ({suite.source}) now asks for (its "
+                      f"`evaluate:` block: {_changed(stored, evaluate)}; a finished trial is not scored again, and a "
+                      f"new study scores the stages cached in the runs folder without training them)",
+                      "Restore the `evaluate:` block to resume it")
 
 
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],

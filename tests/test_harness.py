@@ -114,6 +114,23 @@ def test_a_study_resumed_after_its_suite_file_changed_is_refused(tmp_path, suite
     assert len(calls) == 6  # refused before any trial
 
 
+def test_a_study_resumed_after_its_evaluations_changed_is_refused(tmp_path, suite_file):
+    calls = []
+    run = _in_process(tmp_path, suite_file, calls)
+    suite_file.write_text(SUITE + "evaluate: {occlusion_p: [0.5]}\n")
+    assert len(run()) == 6 and len(calls) == 6
+    suite_file.write_text(SUITE + "evaluate:\n  occlusion_p: [0.5]  # the same block, spelt otherwise\n")
+    assert len(run()) == 6 and len(calls) == 6
+    suite_file.write_text(SUITE + "evaluate: {occlusion_p: [0.25, 0.5]}\n")  # finished trials have no p=0.25 score
+    with pytest.raises(UserError, match=r"other evaluations than suite 'harness_test'.*occlusion_p: \[0.5\] -> "
+                                        r"\[0.25, 0.5\].*Restore the `evaluate:` block to resume it"):
+        run()
+    suite_file.write_text(SUITE)
+    with pytest.raises(UserError, match=r"occlusion_p: \[0.5\] -> unset"):
+        run()
+    assert len(calls) == 6  # refused before any trial
+
+
 def test_a_rerun_with_fewer_seeds_leaves_the_trials_a_larger_run_queued_to_such_a_run(tmp_path, suite_file):
     calls = []
     run = _in_process(tmp_path, suite_file, calls)
