@@ -100,3 +100,17 @@ def test_tafm_run_whose_output_is_closed_stops_as_interrupted_not_as_success(tmp
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     ended = [t for t in trials if t.state == TrialState.FAIL]  # the other grid point was queued, never started
     assert len(ended) == 1 and ended[0].user_attrs.get("error") == "interrupted" and not is_try(ended[0].user_attrs)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
+def test_a_broken_pipe_that_is_not_the_output_is_not_reported_as_the_output_closed():
+    """A BrokenPipeError from another pipe (a socket, a child's pipe) while stdout's reader is still there is an
+    error with its traceback, not "output closed" with status 141."""
+    script = ("import sys\nfrom ablations import cli\n"
+              "def broken(args):\n    raise BrokenPipeError(32, 'Broken pipe (a socket)')\n"
+              "cli._cmd_run = broken\nsys.exit(cli.main(['run', 'smoke']))\n")
+    done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "BrokenPipeError: [Errno 32] Broken pipe (a socket)" in done.stderr
+    assert "output closed" not in done.stderr
