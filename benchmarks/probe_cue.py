@@ -15,7 +15,8 @@ The last columns split the cue frames by pair (`cue bus/car`, ...): a stage 1 le
 and not another's (README "Stage 1's learning rate, its data, and what a weak stage 1 lacks").
 
 A second table splits a checkpoint's mAP into finding the pair and naming the member, on exactly the frames
-and streams the report scores (each val video's minival window, state reset at its start): `mAP` (the
+and streams the report scores (each val video's minival window, state reset at its start; `--minival-frames`
+/ `--minival-seed` for a run scored with other windows, 0 frames for every frame): `mAP` (the
 report's figure), `pair-merged mAP` (each pair scored as one class: a member's detection counts for either,
 the pair's detections suppressed as one class's, at the checkpoint's NMS IoU) and `pair score` (per annotated
 object, the best score of each member at IoU >= 0.5, summed: how confidently the pair is found), on objects
@@ -25,6 +26,7 @@ needs for its right names to come before its guesses (1 for the single-frame cap
 no surer on a marked object than on an unmarked one; README "Where the control's points go").
 
     python benchmarks/probe_cue.py runs/quick/stages/.../last.ckpt ... [--data-root DIR] [--videos N] [--split train|val]
+        [--minival-frames N (0: every frame)] [--minival-seed S]   # the second table's windows, as the run scored
 
 Reads the ground truth from the generator (the dataset's manifest), the images from disk.
 """
@@ -39,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datamodules.data_config import DataConfig  # noqa: E402
 from datamodules.metrics import VidEvaluator, devkit_iou  # noqa: E402
 from datamodules.synthetic import ensure_synthetic, render_video, snippet_name  # noqa: E402
 from datamodules.synthetic_cap import _ID_BY_NAME, ground_truth, partner, synth_config_of, val_windows  # noqa: E402
@@ -121,10 +124,11 @@ def merge_pairs(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, ids: 
     return boxes[keep], scores[keep], merged[keep]
 
 
-def window_scores(detector, root: Path, videos: int, minival_frames: int = 20, minival_seed: int = 0) -> dict:
+def window_scores(detector, root: Path, videos: int, minival_frames: int | None = DataConfig.minival_frames,
+                  minival_seed: int = DataConfig.minival_seed) -> dict:
     """mAP, pair-merged mAP (fractions) and the mean pair score of annotated paired objects with and without their
-    marker drawn, over the first `videos` val videos' minival windows, each streamed from its first frame as the
-    evaluation streams it."""
+    marker drawn, over the first `videos` val videos' minival windows (`minival_frames=None`: every frame, the
+    `full` protocol), each streamed from its first frame as the evaluation streams it."""
     cfg = synth_config_of(root)
     by_name = {v.name: v for v in read_vid(root, "val", progress=False, memo=True)[0]}
     ids, nms_iou = pair_ids(cfg.classes), detector[2].nms_iou
@@ -168,7 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=32, help="videos to probe (default 32)")
     parser.add_argument("--split", default="val", choices=("train", "val"),
                         help="val (default), or train: the videos the checkpoints fitted (memorised or learnt?)")
+    parser.add_argument("--minival-frames", type=int, default=DataConfig.minival_frames,
+                        help="second table: the frames of each val video's window, as the checkpoints were scored "
+                             f"(data.minival_frames, default {DataConfig.minival_frames}); 0: every frame, as "
+                             "data.eval_protocol=full scores")
+    parser.add_argument("--minival-seed", type=int, default=DataConfig.minival_seed,
+                        help=f"second table: which window (data.minival_seed, default {DataConfig.minival_seed})")
     args = parser.parse_args(argv)
+    if args.minival_frames < 0 or args.minival_seed < 0:
+        parser.error("--minival-frames and --minival-seed must be >= 0")
     root = Path(args.data_root) if args.data_root else ensure_synthetic(progress=False)
     cfg = synth_config_of(root)
     pairs = [cue_column(cfg.classes, i) for i in range(0, len(cfg.classes) - 1, 2)] if cfg else []
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print()
     for index, (ckpt, detector) in enumerate(zip(args.checkpoints, detectors)):
-        scores = window_scores(detector, root, args.videos)
+        scores = window_scores(detector, root, args.videos, args.minival_frames or None, args.minival_seed)
         if index == 0:
             print("| checkpoint | model | " + " | ".join(scores) + " |")
             print("| --- | --- | " + " | ".join("---" for _ in scores) + " |")

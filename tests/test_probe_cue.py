@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datamodules.data_config import DataConfig
 from datamodules.synthetic import SynthConfig, generate
 from datamodules.synthetic_cap import _ID_BY_NAME
 from lightning_modules.detect import Shot
@@ -74,6 +75,24 @@ def test_an_oracle_scores_one_everywhere_and_a_hedging_one_finds_every_pair(root
     # ... while every member's list holds as many false positives (its look-alikes) as true ones
     assert 0.3 < hedged["mAP"] < 0.9
     assert hedged["marked right > unmarked guess"] == pytest.approx(0.5)  # no surer where the marker shows
+
+
+def test_the_second_table_scores_the_windows_it_is_given(root, monkeypatch):
+    """The frames each val video is streamed over: its minival window by default (data.minival_frames), every frame
+    with `minival_frames=None` (`--minival-frames 0`, as data.eval_protocol=full scores)."""
+    streamed = []
+    oracle = _oracle(hedge=False)
+
+    def detect(detector, video, frames):
+        streamed.append((video.name, [f.frame_index for f in frames]))
+        return oracle(detector, video, frames)
+
+    monkeypatch.setattr(probe_cue, "detect_frames", detect)
+    probe_cue.window_scores((None, None, TrainConfig()), root, videos=3)
+    assert len(streamed) == 3 and all(len(frames) == DataConfig.minival_frames for _, frames in streamed)
+    streamed.clear()
+    probe_cue.window_scores((None, None, TrainConfig()), root, videos=3, minival_frames=None)
+    assert len(streamed) == 3 and all(frames == list(range(30)) for _, frames in streamed)
 
 
 def test_right_above_guess_is_the_chance_a_right_name_outranks_a_guess():
