@@ -5,8 +5,8 @@ the same run, steps interleaved (A, B, A, B, ...). Prints figures; it is a bench
     python benchmarks/bench_training.py [--settings stage1,stage2/lstm] [--steps 4] [--repeats 3]
         [--baseline PATH] [--set key=value ...] [--compare key=value[,key=value]] [--profile paper]
 
-Settings (synthetic profile, what `tafm run quick` trains on a CPU: alpha 0.25 @128 from the quick suite):
-`stage1` (single-frame SSD, 8 clips x 2 frames) and `stage2/<type>` for none (the single-frame control),
+Settings (synthetic profile, what `tafm run quick` trains on a CPU, read from the quick suite: alpha 0.25 @192):
+`stage1` (single-frame SSD, 16 single frames) and `stage2/<type>` for none (the single-frame control),
 averaging, lstm, gru, bottleneck_lstm (4 clips x 10 frames, base frozen through conv13, one layer after it).
 `--profile paper`: alpha 0.5 @256 and alpha 1 @320, stage 1 and stage 2 (Bottleneck-LSTM), 4 clips x 10.
 
