@@ -515,31 +515,28 @@ def check_settings(study: optuna.Study, suite: Suite, options: RunOptions) -> No
                          f"finished trials would be reported as this run's. {to_resume}, another --runs-dir (or "
                          f"--storage) for the new settings, or remove {suite_dir(suite, options)} to start again")
 
-    given = _measured_overrides(options.overrides)
-    stored = study.user_attrs.get(INPUTS_ATTR)
-    if stored is None:
-        study.set_user_attr(INPUTS_ATTR, given)
-    elif stored != given:
-        raise refused(f"the overrides [{_shown(stored)}], this run gives [{_shown(given)}]",
-                      "Give the same --set / --data-root to resume it")
-    settings = _suite_settings(suite, options.profile)
-    stored = study.user_attrs.get(SETTINGS_ATTR)
-    if stored is None:
-        study.set_user_attr(SETTINGS_ATTR, settings)
-    elif stored != settings:
-        raise refused(f"other settings than suite {suite.name!r} ({suite.source}) now gives its {options.profile!r} "
-                      f"profile ({_changed(stored, settings)}; the suite file's base or profile block, or the recipe "
-                      f"defaults in ablations/suite.py PROFILE_DEFAULTS)", "Restore those settings to resume it")
-    # a finished trial was scored with the evaluations its suite asked for then: it would lack a new p's column
-    evaluate = json.loads(json.dumps(suite.evaluate, sort_keys=True, default=str))
-    stored = study.user_attrs.get(EVALUATE_ATTR)
-    if stored is None:
-        study.set_user_attr(EVALUATE_ATTR, evaluate)
-    elif stored != evaluate:
-        raise refused(f"other evaluations than suite {suite.name!r} ({suite.source}) now asks for (its "
-                      f"`evaluate:` block: {_changed(stored, evaluate)}; a finished trial is not scored again, and a "
-                      f"new study scores the stages cached in the runs folder without training them)",
-                      "Restore the `evaluate:` block to resume it")
+    checks = (
+        (INPUTS_ATTR, _measured_overrides(options.overrides),
+         lambda stored, now: f"the overrides [{_shown(stored)}], this run gives [{_shown(now)}]",
+         "Give the same --set / --data-root to resume it"),
+        (SETTINGS_ATTR, _suite_settings(suite, options.profile),
+         lambda stored, now: f"other settings than suite {suite.name!r} ({suite.source}) now gives its "
+                             f"{options.profile!r} profile ({_changed(stored, now)}; the suite file's base or profile "
+                             f"block, or the recipe defaults in ablations/suite.py PROFILE_DEFAULTS)",
+         "Restore those settings to resume it"),
+        # a finished trial was scored with the evaluations its suite asked for then: it lacks a new p's column
+        (EVALUATE_ATTR, json.loads(json.dumps(suite.evaluate, sort_keys=True, default=str)),
+         lambda stored, now: f"other evaluations than suite {suite.name!r} ({suite.source}) now asks for (its "
+                             f"`evaluate:` block: {_changed(stored, now)}; a finished trial is not scored again, and "
+                             f"a new study scores the stages cached in the runs folder without training them)",
+         "Restore the `evaluate:` block to resume it"),
+    )
+    for attr, now, ran_with, to_resume in checks:
+        stored = study.user_attrs.get(attr)
+        if stored is None:
+            study.set_user_attr(attr, now)
+        elif stored != now:
+            raise refused(ran_with(stored, now), to_resume)
 
 
 def run_study(suite: Suite, options: RunOptions, trial_fn: TrialFn, make_config: Callable[[Dict[str, Any]], Any],
