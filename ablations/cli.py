@@ -299,19 +299,6 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-def _stdout_closed() -> bool:
-    """Whether stdout's reader has gone (a pipe whose read end is closed polls as an error on Linux and macOS);
-    True where it cannot be told (no poll, no file descriptor), as every BrokenPipeError was taken before."""
-    try:
-        import select
-
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):
-        return True
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _interrupt_on_sigterm()
@@ -331,7 +318,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"tafm: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # whatever read the output has gone: `tafm cost --json | head`, `tafm run quick | head`
-        if not _stdout_closed():
+        from ablations.console import stdout_closed
+
+        if not stdout_closed():
             raise  # another pipe broke (a socket, a child process's pipe): not the reader leaving, so not said to be
         sys.stdout = open(os.devnull, "w")  # no second error at exit, when Python flushes it
         if args.func is not _cmd_run:

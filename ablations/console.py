@@ -30,6 +30,20 @@ NOISY_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.util
 NATIVE_LOG_LINE = re.compile(r"^\[[\w./-]+\.(?:cpp|cc|c|h|hpp):\d+\]")  # `[threadpool.cpp:66] ...`
 
 
+def stdout_closed() -> bool:
+    """Whether stdout's reader has gone (a pipe whose read end is closed polls as an error on Linux and macOS), so a
+    BrokenPipeError is `tafm run quick | head` and not another pipe (a socket, a child process's pipe); True where it
+    cannot be told (no poll, no file descriptor), as every BrokenPipeError was taken before."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def quiet_libraries() -> None:
     """Keep tafm's own lines readable on every command: no Lightning banners or tips, no exporter
     warnings about torchvision, no library deprecation noise. Imports nothing heavy."""

@@ -29,6 +29,7 @@ from filelock import FileLock
 from optuna.trial import TrialState
 
 from ablations.config import SPEED_KEYS, UserError, parse_override
+from ablations.console import stdout_closed
 from ablations.records import TrialRecord, from_trial, write_results
 from ablations.records import records_frame as to_frame
 from ablations.suite import Suite, TrialPoint
@@ -304,6 +305,9 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
         return
     # Ctrl-C, SIGTERM (the CLI raises it) or the output closed (`tafm run quick | head`): retried, not a try
     except (KeyboardInterrupt, SystemExit, BrokenPipeError) as stop:
+        if isinstance(stop, BrokenPipeError) and not stdout_closed():  # another pipe broke: a failed trial
+            _failed_trial(ctx, study, trial, stop)
+            return
         trial.set_user_attr("error", "interrupted")
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
@@ -314,11 +318,16 @@ def _run_one(study: optuna.Study, trial: optuna.trial.Trial, ctx: TrialContext, 
         _fail(study, trial, error, user_error=True)
         raise
     except Exception as error:  # a failed trial must not stop the suite; it is retried up to MAX_RETRIES times
-        _fail(study, trial, error, user_error=False)
-        print(f"[{ctx.suite.name}] trial {ctx.key} failed: {type(error).__name__}: {error_line(error)}", flush=True)
+        _failed_trial(ctx, study, trial, error)
         return
     trial.set_user_attr("record", _record(ctx, cfg, result, time.time() - start))
     study.tell(trial, value)
+
+
+def _failed_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.trial.Trial, error: BaseException) -> None:
+    """An unexpected error: recorded as a try (retried up to MAX_RETRIES times) and said; the suite goes on."""
+    _fail(study, trial, error, user_error=False)
+    print(f"[{ctx.suite.name}] trial {ctx.key} failed: {type(error).__name__}: {error_line(error)}", flush=True)
 
 
 def _suite_metric(ctx: TrialContext, result: Dict[str, Any]) -> float:
@@ -487,8 +496,12 @@ def _measured_overrides(overrides: List[str]) -> Dict[str, Any]:
 def _suite_settings(suite: Suite, profile: str) -> Dict[str, Any]:
     """What every trial of the suite's profile shares (its base, its profile block and the recipe defaults
     under it) less the speed keys, as JSON stores it (a study attribute round-trips through JSON)."""
-    settings = {key: value for key, value in suite.delta(profile).items() if key not in RESUMABLE_KEYS}
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return _as_stored({key: value for key, value in suite.delta(profile).items() if key not in RESUMABLE_KEYS})
+
+
+def _as_stored(value: Any) -> Any:
+    """`value` as a study attribute gives it back (it round-trips through JSON), to compare with a stored one."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def _shown(pairs: Dict[str, Any]) -> str:
@@ -525,7 +538,7 @@ def check_settings(study: optuna.Study, suite: Suite, options: RunOptions) -> No
                              f"block, or the recipe defaults in ablations/suite.py PROFILE_DEFAULTS)",
          "Restore those settings to resume it"),
         # a finished trial was scored with the evaluations its suite asked for then: it lacks a new p's column
-        (EVALUATE_ATTR, json.loads(json.dumps(suite.evaluate, sort_keys=True, default=str)),
+        (EVALUATE_ATTR, _as_stored(suite.evaluate),
          lambda stored, now: f"other evaluations than suite {suite.name!r} ({suite.source}) now asks for (its "
                              f"`evaluate:` block: {_changed(stored, now)}; a finished trial is not scored again, and "
                              f"a new study scores the stages cached in the runs folder without training them)",

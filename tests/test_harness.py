@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ablations.config import ConfigError, UserError, load_config
-from ablations.harness import RunOptions, enqueue_missing, eta_seconds, open_study, run_study
+from ablations.harness import RunOptions, enqueue_missing, eta_seconds, is_try, open_study, run_study
 from ablations.suite import PROFILE_DEFAULTS, load_suite
 from lightning_modules.config import nest
 
@@ -129,6 +129,28 @@ def test_a_study_resumed_after_its_evaluations_changed_is_refused(tmp_path, suit
     with pytest.raises(UserError, match=r"occlusion_p: \[0.5\] -> unset"):
         run()
     assert len(calls) == 6  # refused before any trial
+
+
+def test_a_broken_pipe_that_is_not_the_output_fails_its_trial_and_the_suite_goes_on(tmp_path, suite_file):
+    """A BrokenPipeError from another pipe (a socket, a child's pipe) while stdout's reader is there is a trial's
+    error like any other (a try, retried later), not the reader leaving (an interruption that stops the suite)."""
+    broken = []
+
+    def trial_fn(cfg, ctx):
+        if not broken:
+            broken.append(ctx.key)
+            raise BrokenPipeError(32, "Broken pipe (a socket)")
+        return {"val/vid_map50": cfg.model.alpha}
+
+    options = RunOptions(runs_dir=tmp_path / "runs")
+    records = run_study(load_suite(str(suite_file)), options, trial_fn,
+                        lambda delta: load_config([], delta=nest({k: v for k, v in delta.items() if k != "seed"})),
+                        log=lambda line: None)
+    assert len(records) == 6 and broken[0] in {r.key for r in records}  # retried in the same run, as any error is
+    failed = [t for t in open_study(load_suite(str(suite_file)), options).get_trials()
+              if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs.get("key") == broken[0]
+    assert is_try(failed[0].user_attrs) and "BrokenPipeError" in failed[0].user_attrs.get("error", "")
 
 
 def test_a_rerun_with_fewer_seeds_leaves_the_trials_a_larger_run_queued_to_such_a_run(tmp_path, suite_file):
